@@ -1,0 +1,241 @@
+"""The ``lmeval`` command line: parse options, call the library, print results.
+
+Results go to stdout; progress, logs and errors go to stderr. An invalid input ends
+the command with one line ``lmeval: error: ...`` and exit status 2 (a traceback
+too with ``-v``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+import traceback
+from collections.abc import Sequence
+
+from lmeval.errors import ConfigError, LmevalError
+
+logger = logging.getLogger("lmeval")
+
+PPL_EXAMPLE = """\
+examples:
+  lmeval ppl --model smollm2-135m
+  lmeval ppl --model smollm2-135m --task wikitext2 --data-files wiki.test.raw \\
+      --window-size 8192 --output results/smollm2-wikitext2
+  lmeval ppl --model path/to/model --data notes.jsonl --text-field body --json
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lmeval",
+        description="Evaluate causal language models: perplexity and KL divergence.",
+    )
+    parser.add_argument("--version", action="version", version=_version())
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    ppl = commands.add_parser(
+        "ppl",
+        help="score a model's perplexity on a task or dataset",
+        description="Score every token of a corpus with a causal LM and report "
+        "perplexity, bits per byte, word and byte perplexity and top-1 accuracy.",
+        epilog=PPL_EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_ppl_arguments(ppl)
+    ppl.set_defaults(handler=run_ppl)
+    return parser
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument(
+        "--model",
+        help="built-in name (smollm2-135m, gemma3-270m), local model directory, "
+        "GGUF file or hub id",
+    )
+    group.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        help="weight dtype (default float32)",
+    )
+    group.add_argument("--device", help="cpu, cuda, cuda:N or auto (default cpu)")
+    group.add_argument("--revision", help="branch, tag or commit of a hub model")
+    group.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        default=None,
+        help="allow a hub model's own Python code to run (off by default)",
+    )
+    group.add_argument(
+        "--cache-dir",
+        help="where converted GGUF weights are kept (default ~/.cache/lmeval)",
+    )
+
+
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("data")
+    group.add_argument(
+        "--task", help="task name from tasks/ or a task YAML file (default python-docs)"
+    )
+    group.add_argument(
+        "--data", help="a text, JSON Lines, CSV or Parquet file, or a hub dataset name"
+    )
+    group.add_argument(
+        "--data-files", nargs="+", help="local files for the task, e.g. wiki.test.raw"
+    )
+    group.add_argument("--text-field", help="column holding the text (default text)")
+    group.add_argument("--dataset-config", help="configuration name of a hub dataset")
+    group.add_argument("--split", help="split of a hub dataset (default test)")
+    group.add_argument(
+        "--sample-by",
+        choices=("document", "paragraph", "line"),
+        help="how a plain-text file is cut into documents (default document: the whole file)",
+    )
+    group.add_argument("--limit", type=int, help="score only the first N documents")
+
+
+def add_scoring_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("scoring")
+    group.add_argument(
+        "--protocol",
+        choices=("rolling", "sliding", "llama-cpp"),
+        help="how documents are cut into windows (default rolling; see README)",
+    )
+    group.add_argument(
+        "--window-size",
+        type=int,
+        help="tokens per model input (default: the model's limit, at most 2048)",
+    )
+    group.add_argument(
+        "--stride",
+        type=int,
+        help="tokens a sliding window advances (default half the window)",
+    )
+    group.add_argument(
+        "--batch-size",
+        type=_batch_size,
+        help="windows per forward pass, or auto (default 1)",
+    )
+    group.add_argument(
+        "--logits-chunk-size",
+        type=int,
+        help="positions whose logits are held at once (default: 256 MiB of float32 logits)",
+    )
+    group.add_argument("--padding-side", choices=("right", "left"), help="default right")
+    group.add_argument("--threads", type=int, help="CPU threads (default: all available cores)")
+
+
+def add_output_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("output")
+    group.add_argument("--output", help="directory for results.json and documents.jsonl")
+    group.add_argument(
+        "--resume",
+        action="store_true",
+        default=None,
+        help="continue a killed run in --output without rescoring finished documents",
+    )
+    group.add_argument(
+        "--json", action="store_true", default=None, help="print results.json to stdout"
+    )
+    group.add_argument(
+        "--no-progress",
+        dest="progress",
+        action="store_false",
+        default=None,
+        help="hide the progress bar",
+    )
+    group.add_argument("--config", help="YAML file of options; command-line flags override it")
+    group.add_argument("-v", "--verbose", action="store_true", help="debug logs and tracebacks")
+    group.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+
+
+def add_ppl_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser)
+    add_data_arguments(parser)
+    add_scoring_arguments(parser)
+    add_output_arguments(parser)
+
+
+def run_ppl(args: argparse.Namespace) -> int:
+    from lmeval.run import run_perplexity
+
+    config = _config_from_args(args)
+    results = run_perplexity(config, progress_bar=config.progress)
+    _print_results(results, config.json)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _configure_logging(args.verbose, args.quiet)
+    try:
+        return args.handler(args)
+    except LmevalError as error:
+        if args.verbose:
+            traceback.print_exc()
+        print(f"lmeval: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lmeval: interrupted", file=sys.stderr)
+        return 130
+
+
+def _config_from_args(args: argparse.Namespace):
+    from lmeval.config import build_config, load_config_file
+
+    file_values = load_config_file(args.config) if args.config else {}
+    skip = {"command", "handler", "config", "verbose", "quiet"}
+    cli_values = {k: v for k, v in vars(args).items() if k not in skip}
+    config = build_config(file_values, cli_values)
+    if not config.model:
+        raise ConfigError("no model given; pass --model (e.g. --model smollm2-135m)")
+    if config.threads is not None and config.threads < 1:
+        raise ConfigError(f"--threads must be at least 1, got {config.threads}")
+    return config
+
+
+def _print_results(results: dict, as_json: bool) -> None:
+    if as_json:
+        json.dump(results, sys.stdout, indent=2, allow_nan=False)
+        sys.stdout.write("\n")
+        return
+    from lmeval.results import format_table
+
+    print(format_table(results))
+
+
+def _batch_size(value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        size = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"invalid batch size {value!r}: use a positive integer or auto"
+        ) from None
+    if size < 1:
+        raise argparse.ArgumentTypeError(f"invalid batch size {value!r}: must be at least 1")
+    return size
+
+
+def _configure_logging(verbose: bool, quiet: bool) -> None:
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    # Third-party libraries log a lot at INFO; keep them at warnings unless verbose.
+    for name in ("transformers", "datasets", "huggingface_hub", "urllib3", "filelock"):
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.WARNING)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _version() -> str:
+    from lmeval import __version__
+
+    return f"lmeval {__version__}"
+
+
+def _elapsed(start: float) -> float:
+    return time.perf_counter() - start

@@ -1,0 +1,121 @@
+"""Loss metrics and their aggregation: pure functions, no model and no I/O.
+
+Conventions: ``logits`` are scores before softmax; ``logprobs`` are after
+log-softmax; ``token_nll`` is the per-token negative log-likelihood (>= 0, in nats);
+``sum_nll`` and ``num_tokens`` are summed across windows and documents and divided
+once at the end. Shapes: ``[..., V]`` over a vocabulary of V entries.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+#: Two-sided 95% normal quantile.
+Z_95 = 1.959963984540054
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Return the per-position NLL of ``targets`` under softmax(``logits``).
+
+    This is the cross-entropy against the one-hot target distribution, computed
+    from log-softmax in float32 whatever the input dtype.
+
+    Args:
+        logits: ``[..., V]`` scores.
+        targets: ``[...]`` integer token ids.
+
+    Returns:
+        ``[...]`` float32 NLL, ``logsumexp(logits) - logits[target]``.
+    """
+    logits = logits.float()
+    target_logits = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return torch.logsumexp(logits, dim=-1) - target_logits
+
+
+def entropy(logprobs: torch.Tensor) -> torch.Tensor:
+    """Return the entropy ``-sum p log p`` over the last axis, with 0 log 0 = 0.
+
+    Args:
+        logprobs: ``[..., V]`` log-probabilities (``-inf`` allowed).
+    """
+    logprobs = logprobs.float()
+    terms = torch.where(
+        logprobs == -math.inf, torch.zeros_like(logprobs), logprobs.exp() * logprobs
+    )
+    return -terms.sum(-1)
+
+
+def binary_cross_entropy(
+    target: float | np.ndarray, prob: float | np.ndarray, eps: float = 1e-12
+) -> float | np.ndarray:
+    """Return ``-(y log p + (1 - y) log(1 - p))`` with ``p`` clipped to ``[eps, 1 - eps]``.
+
+    The clipping keeps a confident wrong prediction finite instead of infinite.
+    """
+    prob = np.clip(prob, eps, 1.0 - eps)
+    return -(target * np.log(prob) + (1.0 - target) * np.log1p(-prob))
+
+
+def perplexity(mean_nll: float) -> float:
+    """Return ``exp(mean_nll)``; the mean NLL is in nats."""
+    return math.exp(mean_nll)
+
+
+def bits_per_byte(sum_nll: float, num_bytes: int) -> float:
+    """Return the NLL in bits per UTF-8 byte: ``sum_nll / (num_bytes * ln 2)``."""
+    return sum_nll / (num_bytes * math.log(2))
+
+
+@dataclass(frozen=True)
+class Interval:
+    """An estimate with its standard error and two-sided 95% interval."""
+
+    value: float
+    stderr: float | None
+    low: float | None
+    high: float | None
+
+    def mapped(self, function) -> Interval:
+        """Apply a monotone increasing ``function`` to the value and the bounds."""
+        if self.low is None or self.high is None:
+            return Interval(function(self.value), None, None, None)
+        return Interval(function(self.value), None, function(self.low), function(self.high))
+
+
+def ratio_interval(numerators: Sequence[float], denominators: Sequence[float]) -> Interval:
+    """Estimate ``sum(numerators) / sum(denominators)`` with a delta-method interval.
+
+    Each pair is one sampling unit (a document): the ratio estimator's variance is
+    ``sum((y_i - R x_i)^2) / (n (n - 1) mean(x)^2)`` over n units. With fewer than two
+    units the standard error is unknown and returned as None.
+    """
+    y = np.asarray(numerators, dtype=np.float64)
+    x = np.asarray(denominators, dtype=np.float64)
+    ratio = float(y.sum() / x.sum())
+    n = len(x)
+    if n < 2:
+        return Interval(ratio, None, None, None)
+    residuals = y - ratio * x
+    variance = float((residuals**2).sum() / (n * (n - 1) * x.mean() ** 2))
+    return _normal_interval(ratio, math.sqrt(variance))
+
+
+def mean_interval(total: float, total_squared: float, count: int) -> Interval:
+    """Estimate a mean from the sum and sum of squares of ``count`` i.i.d. values.
+
+    The standard error is the sample standard deviation over ``sqrt(count)``.
+    """
+    mean = total / count
+    if count < 2:
+        return Interval(mean, None, None, None)
+    variance = max(0.0, (total_squared - count * mean**2) / (count - 1))
+    return _normal_interval(mean, math.sqrt(variance / count))
+
+
+def _normal_interval(value: float, stderr: float) -> Interval:
+    return Interval(value, stderr, value - Z_95 * stderr, value + Z_95 * stderr)

@@ -1,0 +1,174 @@
+"""Run a configured evaluation end to end: load, score, write outputs, build results.
+
+:func:`run_perplexity` is what ``lmeval ppl`` calls; it returns the results.json
+object, and writes it when the configuration has an output directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+
+import torch
+from tqdm import tqdm
+
+from lmeval.config import RunConfig
+from lmeval.data import DEFAULT_TASK, load_corpus
+from lmeval.models import load_model
+from lmeval.perplexity import (
+    DocumentResult,
+    ScoringSettings,
+    build_units,
+    corpus_metrics,
+    interval_method,
+    resolve_settings,
+    score_units,
+)
+from lmeval.results import OutputDirectory, environment, library_versions, now
+from lmeval.scoring import default_chunk_size, prefix_token_id
+
+logger = logging.getLogger(__name__)
+
+WORD_DEFINITION = "whitespace-separated strings of the original document text (str.split)"
+BYTE_DEFINITION = "UTF-8 bytes of the original document text"
+
+
+def run_perplexity(config: RunConfig, progress_bar: bool = True) -> dict:
+    """Score ``config.model`` on the configured corpus and return the results object."""
+    started = time.perf_counter()
+    set_threads(config.threads)
+    loaded = load_model(
+        config.model,
+        dtype=config.dtype,
+        device=config.device,
+        revision=config.revision,
+        trust_remote_code=config.trust_remote_code,
+        cache_dir=config.cache_dir,
+    )
+    load_seconds = time.perf_counter() - started
+    corpus = load_corpus(
+        task=config.task or (None if config.data else DEFAULT_TASK),
+        data=config.data,
+        data_files=config.data_files,
+        text_field=config.text_field,
+        dataset_config=config.dataset_config,
+        split=config.split,
+        sample_by=config.sample_by,
+        limit=config.limit,
+    )
+    settings = resolve_settings(_settings(config), loaded)
+    protocol = protocol_record(settings, loaded)
+    run = {"command": "ppl", "model": loaded.identity, "data": corpus.identity}
+    run["protocol"] = protocol
+
+    output = OutputDirectory(config.output, run, config.resume) if config.output else None
+    finished = output.finished_indices if output else set()
+    units = [
+        u for u in build_units(loaded, corpus.documents, settings) if u.result.index not in finished
+    ]
+    if finished:
+        logger.info("resuming: %d documents already scored, %d to go", len(finished), len(units))
+
+    scoring_started = time.perf_counter()
+    total = sum(unit.num_scored for unit in units)
+    with tqdm(
+        total=total,
+        unit="tok",
+        unit_scale=True,
+        disable=not progress_bar,
+        desc="scoring",
+    ) as bar:
+        documents = score_units(
+            loaded,
+            units,
+            settings,
+            on_document=(lambda d: output.append(d.row())) if output else None,
+            progress=bar.update,
+        )
+    scoring_seconds = time.perf_counter() - scoring_started
+
+    if output:
+        documents = [DocumentResult.from_row(row) for row in output.finished_rows] + documents
+        documents.sort(key=lambda document: document.index)
+    results = {
+        "lmeval_version": library_versions()["lmeval"],
+        "command": "ppl",
+        "created": now(),
+        "metrics": corpus_metrics(documents, settings.protocol),
+        "interval_method": interval_method(
+            settings.protocol, sum(d.skipped is None for d in documents)
+        ),
+        "definitions": {"word": WORD_DEFINITION, "byte": BYTE_DEFINITION},
+        "protocol": protocol,
+        "model": loaded.identity,
+        "data": corpus.identity,
+        "skipped": [
+            {"index": d.index, "id": d.id, "reason": d.skipped}
+            for d in documents
+            if d.skipped is not None
+        ],
+        "config": _config_record(config),
+        "versions": library_versions(),
+        "environment": environment(),
+        "timing": {
+            "load_seconds": load_seconds,
+            "scoring_seconds": scoring_seconds,
+            "wall_seconds": time.perf_counter() - started,
+            "tokens_scored": total,
+            "tokens_per_second": total / scoring_seconds if scoring_seconds > 0 else 0.0,
+            "resumed_documents": len(finished),
+        },
+    }
+    if output:
+        output.write_results(results)
+    return results
+
+
+def protocol_record(settings: ScoringSettings, loaded) -> dict:
+    """Describe exactly which tokens were scored and how, for results.json."""
+    tokenizer = loaded.tokenizer
+    record = {
+        "name": settings.protocol,
+        "window_size": settings.window_size,
+        "stride": settings.stride,
+        "batch_size": settings.batch_size,
+        "padding_side": settings.padding_side,
+        "logits_chunk_size": settings.chunk_size
+        or default_chunk_size(loaded.model.get_output_embeddings().weight.shape[0]),
+        "log_softmax_dtype": "float32",
+        "accumulation_dtype": "float64",
+    }
+    if settings.protocol == "llama-cpp":
+        add_bos = bool(loaded.identity.get("add_bos_token"))
+        record["bos_replaces_first_token"] = add_bos
+        record["scored_per_chunk"] = settings.window_size - 1 - settings.window_size // 2
+    else:
+        prefix = prefix_token_id(tokenizer)
+        record["prefix_token_id"] = prefix
+        record["prefix_token"] = tokenizer.convert_ids_to_tokens(prefix)
+    return record
+
+
+def set_threads(threads: int | None) -> None:
+    """Use ``threads`` CPU threads, or every core this process may run on."""
+    count = threads or len(os.sched_getaffinity(0))
+    torch.set_num_threads(count)
+
+
+def _settings(config: RunConfig) -> ScoringSettings:
+    return ScoringSettings(
+        protocol=config.protocol,
+        window_size=config.window_size,
+        stride=config.stride,
+        batch_size=config.batch_size,
+        chunk_size=config.logits_chunk_size,
+        padding_side=config.padding_side,
+    )
+
+
+def _config_record(config: RunConfig) -> dict:
+    record = dataclasses.asdict(config)
+    record.pop("extra", None)
+    return record

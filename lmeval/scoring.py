@@ -1,0 +1,274 @@
+"""Score windows with a causal language model: per-token NLL in bounded memory.
+
+Shapes: B windows in a batch, T positions (the longest window in the batch), H hidden
+size, V vocabulary, N scored positions in the batch, C positions per logits chunk.
+
+The model's decoder runs once per batch and yields hidden states ``[B, T, H]``. Only
+the N scored positions go through the output layer, C at a time, so peak memory for
+logits grows with ``C x V`` and never with ``T x V``. Log-softmax runs in float32
+whatever the model dtype; sums are taken in float64 by the caller.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from transformers import PreTrainedModel
+
+from lmeval.errors import ScoringError
+from lmeval.windows import Window
+
+logger = logging.getLogger(__name__)
+
+#: Bytes of float32 logits one chunk may hold (``C x V x 4``) before log-softmax.
+CHUNK_BYTES = 256 * 2**20
+MAX_AUTO_BATCH_SIZE = 64
+
+
+@dataclass
+class TokenScores:
+    """Per-token results for the scored targets of one window, in target order."""
+
+    token_nll: np.ndarray  # [num_scored] float64, -log p(target)
+    correct: np.ndarray  # [num_scored] bool, argmax == target
+
+
+def default_chunk_size(vocab_size: int) -> int:
+    """Return how many positions fit one logits chunk of :data:`CHUNK_BYTES`."""
+    return max(1, CHUNK_BYTES // (4 * vocab_size))
+
+
+class WindowScorer:
+    """Run batches of windows through a model and return per-token NLL and top-1.
+
+    Args:
+        model: a causal LM in eval mode.
+        batch_size: windows per forward pass.
+        chunk_size: positions per logits chunk; None picks :func:`default_chunk_size`.
+        pad_token_id: id placed in padded positions (never scored, masked out).
+        padding_side: "right" or "left"; position ids follow the attention mask, so
+            both give the same numbers.
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        *,
+        batch_size: int = 1,
+        chunk_size: int | None = None,
+        pad_token_id: int = 0,
+        padding_side: str = "right",
+    ) -> None:
+        if padding_side not in ("right", "left"):
+            raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.batch_size = batch_size
+        self.vocab_size = model.get_output_embeddings().weight.shape[0]
+        self.chunk_size = chunk_size or default_chunk_size(self.vocab_size)
+        self.pad_token_id = pad_token_id
+        self.padding_side = padding_side
+        self.split_head = _head_matches_model(model)
+        if not self.split_head:
+            logger.warning(
+                "%s does not compute logits as output layer(decoder(x)); scoring uses "
+                "full forward passes, so memory grows with window x vocabulary",
+                type(model).__name__,
+            )
+
+    @torch.inference_mode()
+    def score(
+        self,
+        windows: Sequence[Window],
+        progress: Callable[[int], None] | None = None,
+    ) -> list[TokenScores]:
+        """Score ``windows`` and return their results in the order given.
+
+        Windows are batched longest first so that padding stays small. ``progress`` is
+        called after each batch with the number of tokens it scored.
+        """
+        order = sorted(range(len(windows)), key=lambda i: -len(windows[i].input_ids))
+        results: list[TokenScores | None] = [None] * len(windows)
+        for begin in range(0, len(order), self.batch_size):
+            batch_indices = order[begin : begin + self.batch_size]
+            batch = [windows[i] for i in batch_indices]
+            for index, scores in zip(batch_indices, self._score_batch(batch), strict=True):
+                results[index] = scores
+            if progress is not None:
+                progress(sum(window.num_scored for window in batch))
+        return results
+
+    def _score_batch(self, batch: Sequence[Window]) -> list[TokenScores]:
+        input_ids, attention_mask, position_ids, offsets = self._pad(batch)
+
+        # rows/cols: the [B, T] coordinates of every scored position, window by window.
+        rows, cols, targets = [], [], []
+        for row, (window, offset) in enumerate(zip(batch, offsets, strict=True)):
+            positions = range(offset + window.score_start, offset + len(window.input_ids))
+            rows.extend([row] * len(positions))
+            cols.extend(positions)
+            targets.extend(window.target_ids[window.score_start :])
+        rows_t = torch.tensor(rows, device=self.device)
+        cols_t = torch.tensor(cols, device=self.device)
+        targets_t = torch.tensor(targets, device=self.device)
+
+        if self.split_head:
+            hidden = self._decoder(input_ids, attention_mask, position_ids)  # [B, T, H]
+            selected = hidden[rows_t, cols_t]  # [N, H]
+            token_nll, correct = self._chunked_nll(selected, targets_t, self._head)
+        else:
+            logits = self.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                use_cache=False,
+            ).logits  # [B, T, V]
+            selected = logits[rows_t, cols_t]  # [N, V]
+            token_nll, correct = self._chunked_nll(selected, targets_t, lambda x: x)
+
+        self._check_finite(token_nll, batch, rows, cols, offsets)
+        return _split_by_window(batch, token_nll, correct)
+
+    def _pad(self, batch: Sequence[Window]):
+        """Pad a batch to ``[B, T]`` and return ids, mask, position ids and offsets."""
+        length = max(len(window.input_ids) for window in batch)
+        input_ids = torch.full((len(batch), length), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(batch), length), dtype=torch.long)
+        offsets = []
+        for row, window in enumerate(batch):
+            size = len(window.input_ids)
+            offset = length - size if self.padding_side == "left" else 0
+            input_ids[row, offset : offset + size] = torch.tensor(window.input_ids)
+            attention_mask[row, offset : offset + size] = 1
+            offsets.append(offset)
+        # Positions count real tokens only, so left padding does not shift them.
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        return (
+            input_ids.to(self.device),
+            attention_mask.to(self.device),
+            position_ids.to(self.device),
+            offsets,
+        )
+
+    def _decoder(self, input_ids, attention_mask, position_ids) -> torch.Tensor:
+        output = self.model.get_decoder()(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
+        )
+        return output.last_hidden_state
+
+    def _head(self, hidden: torch.Tensor) -> torch.Tensor:
+        return _output_logits(self.model, hidden)
+
+    def _chunked_nll(self, inputs, targets, to_logits):
+        """Return float64 NLL and top-1 correctness, C positions at a time."""
+        token_nll = torch.empty(len(targets), dtype=torch.float64)
+        correct = torch.empty(len(targets), dtype=torch.bool)
+        for begin in range(0, len(targets), self.chunk_size):
+            end = begin + self.chunk_size
+            logits = to_logits(inputs[begin:end]).float()  # [C, V]
+            chunk_targets = targets[begin:end]
+            target_logits = logits.gather(-1, chunk_targets[:, None]).squeeze(-1)
+            nll = torch.logsumexp(logits, dim=-1) - target_logits
+            token_nll[begin:end] = nll.double().cpu()
+            correct[begin:end] = (logits.argmax(-1) == chunk_targets).cpu()
+        return token_nll.numpy(), correct.numpy()
+
+    def _check_finite(self, token_nll, batch, rows, cols, offsets) -> None:
+        bad = np.flatnonzero(~np.isfinite(token_nll))
+        if len(bad) == 0:
+            return
+        row, col = rows[bad[0]], cols[bad[0]]
+        window = batch[row]
+        position = window.first_target + col - offsets[row] - window.score_start
+        raise ScoringError(
+            f"the model returned a non-finite log-probability ({token_nll[bad[0]]}) "
+            f"in document {window.document} at token {position}; check the weights "
+            f"and dtype (float16 overflows easily; try --dtype float32 or bfloat16)"
+        )
+
+
+def _split_by_window(
+    batch: Sequence[Window], token_nll: np.ndarray, correct: np.ndarray
+) -> list[TokenScores]:
+    results = []
+    begin = 0
+    for window in batch:
+        end = begin + window.num_scored
+        results.append(TokenScores(token_nll[begin:end], correct[begin:end]))
+        begin = end
+    return results
+
+
+def _output_logits(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
+    """Apply the output layer (and final logit soft-capping, where the model has it)."""
+    logits = model.get_output_embeddings()(hidden)
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+@torch.inference_mode()
+def _head_matches_model(model: PreTrainedModel) -> bool:
+    """Check on a short input that logits equal output layer(decoder(input)).
+
+    The chunked path relies on this; a model that post-processes logits in another
+    way is scored with full forward passes instead.
+    """
+    if model.get_output_embeddings() is None:
+        return False
+    device = next(model.parameters()).device
+    vocab_size = model.get_output_embeddings().weight.shape[0]
+    input_ids = torch.arange(8, device=device)[None] % vocab_size
+    try:
+        expected = model(input_ids=input_ids, use_cache=False).logits.float()
+        hidden = model.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state
+    except (AttributeError, TypeError, NotImplementedError):
+        return False
+    actual = _output_logits(model, hidden).float()
+    return torch.allclose(actual, expected, rtol=1e-4, atol=1e-4)
+
+
+def prefix_token_id(tokenizer) -> int:
+    """Return the token that conditions a document's first token: BOS, else EOS."""
+    for token_id in (tokenizer.bos_token_id, tokenizer.eos_token_id):
+        if token_id is not None:
+            return int(token_id)
+    raise ScoringError(
+        f"tokenizer {type(tokenizer).__name__} has neither a BOS nor an EOS token, so "
+        "the first token of a document has nothing to be predicted from; add one to "
+        "the tokenizer (bos_token in tokenizer_config.json)"
+    )
+
+
+def auto_batch_size(model: PreTrainedModel, window_tokens: int) -> int:
+    """Estimate the largest batch of ``window_tokens``-long windows that fits memory.
+
+    NOTE: this is an estimate from activation sizes and free memory, not a trial run;
+    on CUDA it uses the free device memory, on CPU the available system memory.
+    """
+    config = model.config
+    hidden = getattr(config, "hidden_size", 1024)
+    intermediate = getattr(config, "intermediate_size", 4 * hidden)
+    heads = getattr(config, "num_attention_heads", 16)
+    element = torch.finfo(model.dtype).bits // 8
+    # Live activations of one layer per token, plus the attention scores [heads, T, T].
+    per_window = window_tokens * (8 * hidden + 3 * intermediate) * element
+    per_window += heads * window_tokens**2 * 4
+    budget = _free_memory(next(model.parameters()).device) // 4
+    return int(max(1, min(MAX_AUTO_BATCH_SIZE, budget // max(per_window, 1))))
+
+
+def _free_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return free
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
