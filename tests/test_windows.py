@@ -83,7 +83,9 @@ def test_rolling_scores_every_token_once(length, window_size):
 
 
 @pytest.mark.parametrize("length", LENGTHS)
-@pytest.mark.parametrize(("window_size", "stride"), [(1, 1), (4, 1), (4, 2), (4, 4), (8, 3), (16, 5)])
+@pytest.mark.parametrize(
+    ("window_size", "stride"), [(1, 1), (4, 1), (4, 2), (4, 4), (8, 3), (16, 5)]
+)
 def test_sliding_scores_every_token_once(length, window_size, stride):
     tokens = list(range(1000, 1000 + length))
     windows = sliding_windows(tokens, BOS, window_size, stride)
@@ -97,7 +99,10 @@ def assert_scored_once(tokens: list[int], windows: list[Window], window_size: in
     for window in windows:
         assert len(window.input_ids) <= window_size
         assert len(window.input_ids) == len(window.target_ids)
-        assert scored_tokens(window) == tokens[window.first_target : window.first_target + window.num_scored]
+        assert (
+            scored_tokens(window)
+            == tokens[window.first_target : window.first_target + window.num_scored]
+        )
     # The first token is predicted from the prefix, never from nothing.
     assert windows[0].input_ids[0] == BOS
 
