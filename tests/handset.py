@@ -3,9 +3,9 @@
 The weights are chosen so that the logits at position t depend only on the token at t:
 every attention and MLP block is switched off (its output projection is zero), the
 embedding of token i is ``e_i``, which the final RMSNorm turns into ``sqrt(V) * e_i``,
-and the output layer is the transposed table divided by ``sqrt(V)``. The model is then a bigram model whose
-``log_softmax`` is the given table of log-probabilities, and any sequence's NLL is known
-in closed form.
+and the output layer is the transposed table divided by ``sqrt(V)``. The model is then
+a bigram model whose ``log_softmax`` is the given table of log-probabilities, and any
+sequence's NLL is known in closed form.
 """
 
 from __future__ import annotations

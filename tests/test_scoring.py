@@ -5,12 +5,12 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from handset import bigram_llama, cycle_table, uniform_llama
+from tiny import make_tiny_llama
+
 from lmeval.errors import ScoringError
 from lmeval.scoring import WindowScorer, prefix_token_id
 from lmeval.windows import Window, rolling_windows, sliding_windows
-from tiny import make_tiny_llama
 
 VOCAB = 24
 
