@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,6 +28,17 @@ logger = logging.getLogger(__name__)
 #: Bytes of float32 logits one chunk may hold (``C x V x 4``) before log-softmax.
 CHUNK_BYTES = 256 * 2**20
 MAX_AUTO_BATCH_SIZE = 64
+
+
+@dataclass
+class LogitChunk:
+    """Logits of scored positions ``begin .. end - 1`` of a batch (window by window)."""
+
+    logits: torch.Tensor  # [C, V] float32
+    targets: torch.Tensor  # [C] token ids
+
+    begin: int
+    end: int
 
 
 @dataclass
@@ -92,10 +103,8 @@ class WindowScorer:
         Windows are batched longest first so that padding stays small. ``progress`` is
         called after each batch with the number of tokens it scored.
         """
-        order = sorted(range(len(windows)), key=lambda i: -len(windows[i].input_ids))
         results: list[TokenScores | None] = [None] * len(windows)
-        for begin in range(0, len(order), self.batch_size):
-            batch_indices = order[begin : begin + self.batch_size]
+        for batch_indices in self.batches(windows):
             batch = [windows[i] for i in batch_indices]
             for index, scores in zip(batch_indices, self._score_batch(batch), strict=True):
                 results[index] = scores
@@ -103,24 +112,27 @@ class WindowScorer:
                 progress(sum(window.num_scored for window in batch))
         return results
 
-    def _score_batch(self, batch: Sequence[Window]) -> list[TokenScores]:
-        input_ids, attention_mask, position_ids, offsets = self._pad(batch)
+    def batches(self, windows: Sequence[Window]) -> Iterator[list[int]]:
+        """Yield the window indices of each batch, longest windows first."""
+        order = sorted(range(len(windows)), key=lambda i: -len(windows[i].input_ids))
+        for begin in range(0, len(order), self.batch_size):
+            yield order[begin : begin + self.batch_size]
 
-        # rows/cols: the [B, T] coordinates of every scored position, window by window.
-        rows, cols, targets = [], [], []
-        for row, (window, offset) in enumerate(zip(batch, offsets, strict=True)):
-            positions = range(offset + window.score_start, offset + len(window.input_ids))
-            rows.extend([row] * len(positions))
-            cols.extend(positions)
-            targets.extend(window.target_ids[window.score_start :])
+    def logit_chunks(self, batch: Sequence[Window]) -> Iterator[LogitChunk]:
+        """Run one batch and yield float32 logits of its scored positions, C at a time.
+
+        Positions come window by window in target order, so two scorers with the same
+        ``chunk_size`` yield aligned chunks for the same batch.
+        """
+        input_ids, attention_mask, position_ids, offsets = self._pad(batch)
+        rows, cols, targets = _scored_coordinates(batch, offsets)
         rows_t = torch.tensor(rows, device=self.device)
         cols_t = torch.tensor(cols, device=self.device)
         targets_t = torch.tensor(targets, device=self.device)
-
         if self.split_head:
             hidden = self._decoder(input_ids, attention_mask, position_ids)  # [B, T, H]
             selected = hidden[rows_t, cols_t]  # [N, H]
-            token_nll, correct = self._chunked_nll(selected, targets_t, self._head)
+            to_logits = self._head
         else:
             logits = self.model(
                 input_ids=input_ids,
@@ -129,9 +141,34 @@ class WindowScorer:
                 use_cache=False,
             ).logits  # [B, T, V]
             selected = logits[rows_t, cols_t]  # [N, V]
-            token_nll, correct = self._chunked_nll(selected, targets_t, lambda x: x)
+            to_logits = _identity
+        for begin in range(0, len(targets), self.chunk_size):
+            end = min(begin + self.chunk_size, len(targets))
+            yield LogitChunk(
+                logits=to_logits(selected[begin:end]).float(),  # [C, V]
+                targets=targets_t[begin:end],
+                begin=begin,
+                end=end,
+            )
 
-        self._check_finite(token_nll, batch, rows, cols, offsets)
+    def locate(self, batch: Sequence[Window], position: int) -> tuple[int, int]:
+        """Return (document, token index) of the batch's ``position``-th scored target."""
+        for window in batch:
+            if position < window.num_scored:
+                return window.document, window.first_target + position
+            position -= window.num_scored
+        raise IndexError(position)
+
+    def _score_batch(self, batch: Sequence[Window]) -> list[TokenScores]:
+        num_scored = sum(window.num_scored for window in batch)
+        token_nll = np.empty(num_scored, dtype=np.float64)
+        correct = np.empty(num_scored, dtype=bool)
+        for chunk in self.logit_chunks(batch):
+            target_logits = chunk.logits.gather(-1, chunk.targets[:, None]).squeeze(-1)
+            nll = torch.logsumexp(chunk.logits, dim=-1) - target_logits
+            token_nll[chunk.begin : chunk.end] = nll.double().cpu().numpy()
+            correct[chunk.begin : chunk.end] = (chunk.logits.argmax(-1) == chunk.targets).cpu()
+        self._check_finite(token_nll, batch)
         return _split_by_window(batch, token_nll, correct)
 
     def _pad(self, batch: Sequence[Window]):
@@ -167,30 +204,14 @@ class WindowScorer:
     def _head(self, hidden: torch.Tensor) -> torch.Tensor:
         return _output_logits(self.model, hidden)
 
-    def _chunked_nll(self, inputs, targets, to_logits):
-        """Return float64 NLL and top-1 correctness, C positions at a time."""
-        token_nll = torch.empty(len(targets), dtype=torch.float64)
-        correct = torch.empty(len(targets), dtype=torch.bool)
-        for begin in range(0, len(targets), self.chunk_size):
-            end = begin + self.chunk_size
-            logits = to_logits(inputs[begin:end]).float()  # [C, V]
-            chunk_targets = targets[begin:end]
-            target_logits = logits.gather(-1, chunk_targets[:, None]).squeeze(-1)
-            nll = torch.logsumexp(logits, dim=-1) - target_logits
-            token_nll[begin:end] = nll.double().cpu()
-            correct[begin:end] = (logits.argmax(-1) == chunk_targets).cpu()
-        return token_nll.numpy(), correct.numpy()
-
-    def _check_finite(self, token_nll, batch, rows, cols, offsets) -> None:
+    def _check_finite(self, token_nll: np.ndarray, batch: Sequence[Window]) -> None:
         bad = np.flatnonzero(~np.isfinite(token_nll))
         if len(bad) == 0:
             return
-        row, col = rows[bad[0]], cols[bad[0]]
-        window = batch[row]
-        position = window.first_target + col - offsets[row] - window.score_start
+        document, position = self.locate(batch, int(bad[0]))
         raise ScoringError(
             f"the model returned a non-finite log-probability ({token_nll[bad[0]]}) "
-            f"in document {window.document} at token {position}; check the weights "
+            f"in document {document} at token {position}; check the weights "
             f"and dtype (float16 overflows easily; try --dtype float32 or bfloat16)"
         )
 
@@ -205,6 +226,21 @@ def _split_by_window(
         results.append(TokenScores(token_nll[begin:end], correct[begin:end]))
         begin = end
     return results
+
+
+def _scored_coordinates(batch: Sequence[Window], offsets: Sequence[int]):
+    """Return the [B, T] coordinates and target ids of every scored position."""
+    rows, cols, targets = [], [], []
+    for row, (window, offset) in enumerate(zip(batch, offsets, strict=True)):
+        positions = range(offset + window.score_start, offset + len(window.input_ids))
+        rows.extend([row] * len(positions))
+        cols.extend(positions)
+        targets.extend(window.target_ids[window.score_start :])
+    return rows, cols, targets
+
+
+def _identity(logits: torch.Tensor) -> torch.Tensor:
+    return logits
 
 
 def _output_logits(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
