@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from lmeval.config import RunConfig
-from lmeval.data import DEFAULT_TASK, load_corpus
+from lmeval.data import load_corpus
 from lmeval.models import load_model
 from lmeval.perplexity import (
     DocumentResult,
@@ -39,17 +39,8 @@ def run_perplexity(config: RunConfig, progress_bar: bool = True) -> dict:
     """Score ``config.model`` on the configured corpus and return the results object."""
     started = time.perf_counter()
     set_threads(config.threads)
-    loaded = load_model(
-        config.model,
-        dtype=config.dtype,
-        device=config.device,
-        revision=config.revision,
-        trust_remote_code=config.trust_remote_code,
-        cache_dir=config.cache_dir,
-    )
-    load_seconds = time.perf_counter() - started
     corpus = load_corpus(
-        task=config.task or (None if config.data else DEFAULT_TASK),
+        task=config.task,
         data=config.data,
         data_files=config.data_files,
         text_field=config.text_field,
@@ -58,6 +49,16 @@ def run_perplexity(config: RunConfig, progress_bar: bool = True) -> dict:
         sample_by=config.sample_by,
         limit=config.limit,
     )
+    load_started = time.perf_counter()
+    loaded = load_model(
+        config.model,
+        dtype=config.dtype,
+        device=config.device,
+        revision=config.revision,
+        trust_remote_code=config.trust_remote_code,
+        cache_dir=config.cache_dir,
+    )
+    load_seconds = time.perf_counter() - load_started
     settings = resolve_settings(_settings(config), loaded)
     protocol = protocol_record(settings, loaded)
     run = {"command": "ppl", "model": loaded.identity, "data": corpus.identity}
