@@ -46,6 +46,8 @@ class ScoringSettings:
         batch_size: windows per forward pass, or "auto".
         chunk_size: positions per logits chunk; None picks one from the vocabulary.
         padding_side: "right" or "left".
+        max_chunks: with ``llama-cpp``, score only the first N chunks (llama-perplexity's
+            ``--chunks N``); None scores all.
     """
 
     protocol: str = "rolling"
@@ -54,6 +56,7 @@ class ScoringSettings:
     batch_size: int | str = 1
     chunk_size: int | None = None
     padding_side: str = "right"
+    max_chunks: int | None = None
 
 
 @dataclass
@@ -156,6 +159,7 @@ def resolve_settings(settings: ScoringSettings, loaded: LoadedModel) -> ScoringS
         batch_size=batch_size,
         chunk_size=settings.chunk_size,
         padding_side=settings.padding_side,
+        max_chunks=settings.max_chunks,
     )
 
 
@@ -216,7 +220,7 @@ def build_units(
 ) -> list[Unit]:
     """Tokenize documents and cut them into windows by the chosen protocol."""
     if settings.protocol == "llama-cpp":
-        return _llama_cpp_units(loaded, documents, settings.window_size)
+        return _llama_cpp_units(loaded, documents, settings.window_size, settings.max_chunks)
     prefix = prefix_token_id(loaded.tokenizer)
     encodings = _encode(loaded.tokenizer, [document.text for document in documents])
     units = []
@@ -242,14 +246,17 @@ def build_units(
 
 
 def _llama_cpp_units(
-    loaded: LoadedModel, documents: Sequence[Document], window_size: int
+    loaded: LoadedModel,
+    documents: Sequence[Document],
+    window_size: int,
+    max_chunks: int | None,
 ) -> list[Unit]:
     """Tokenize all text as one stream and cut it into llama.cpp chunks."""
     # Documents are joined as they are: a plain-text file read whole is one document.
     text = "".join(document.text for document in documents)
     stream = _encode(loaded.tokenizer, [text])[0]
     bos = loaded.tokenizer.bos_token_id if loaded.identity.get("add_bos_token") else None
-    windows = llama_cpp_chunks(stream, window_size, bos)
+    windows = llama_cpp_chunks(stream, window_size, bos)[:max_chunks]
     if not windows:
         raise ScoringError(
             f"the text has {len(stream)} tokens, fewer than one llama-cpp chunk of "

@@ -47,7 +47,8 @@ def run_perplexity(config: RunConfig, progress_bar: bool = True) -> dict:
         dataset_config=config.dataset_config,
         split=config.split,
         sample_by=config.sample_by,
-        limit=config.limit,
+        # With llama-cpp, --limit counts chunks of the token stream, not documents.
+        limit=None if config.protocol == "llama-cpp" else config.limit,
     )
     load_started = time.perf_counter()
     loaded = load_model(
@@ -145,6 +146,7 @@ def protocol_record(settings: ScoringSettings, loaded) -> dict:
         add_bos = bool(loaded.identity.get("add_bos_token"))
         record["bos_replaces_first_token"] = add_bos
         record["scored_per_chunk"] = settings.window_size - 1 - settings.window_size // 2
+        record["max_chunks"] = settings.max_chunks
     else:
         prefix = prefix_token_id(tokenizer)
         record["prefix_token_id"] = prefix
@@ -166,6 +168,7 @@ def _settings(config: RunConfig) -> ScoringSettings:
         batch_size=config.batch_size,
         chunk_size=config.logits_chunk_size,
         padding_side=config.padding_side,
+        max_chunks=config.limit if config.protocol == "llama-cpp" else None,
     )
 
 

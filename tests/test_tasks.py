@@ -5,17 +5,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lmeval.data import (
-    DEFAULT_TASK,
+from lmeval.data import DEFAULT_TASK, load_corpus
+from lmeval.errors import ConfigError
+from lmeval.tasks import (
     HubSource,
     LocalSource,
     available_tasks,
     find_task_file,
-    load_corpus,
     load_task,
     parse_task,
 )
-from lmeval.errors import ConfigError
 
 SHIPPED = ["python-docs", "wikitext2"]
 
