@@ -2,7 +2,9 @@
 
 Results go to stdout; progress, logs and errors go to stderr. An invalid input ends
 the command with one line ``lmeval: error: ...`` and exit status 2 (a traceback
-too with ``-v``).
+too with ``-v``). Errors that argparse itself finds (an unknown flag, a value of
+the wrong type) print the usage and then ``lmeval ppl: error: ...``, also with
+exit status 2.
 """
 
 from __future__ import annotations
@@ -16,7 +18,16 @@ import time
 import traceback
 from collections.abc import Sequence
 
-from lmeval.errors import ConfigError, LmevalError
+from lmeval.config import (
+    DTYPES,
+    PADDING_SIDES,
+    RunConfig,
+    build_config,
+    load_config_file,
+    validate_config,
+)
+from lmeval.errors import LmevalError
+from lmeval.windows import PROTOCOLS
 
 logger = logging.getLogger("lmeval")
 
@@ -46,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_ppl_arguments(ppl)
     ppl.set_defaults(handler=run_ppl)
+    from lmeval.kl_cli import add_kl_commands
+
+    add_kl_commands(commands)
     return parser
 
 
@@ -58,7 +72,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--dtype",
-        choices=("float32", "bfloat16", "float16"),
+        choices=DTYPES,
         help="weight dtype (default float32)",
     )
     group.add_argument("--device", help="cpu, cuda, cuda:N or auto (default cpu)")
@@ -101,7 +115,7 @@ def add_scoring_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("scoring")
     group.add_argument(
         "--protocol",
-        choices=("rolling", "sliding", "llama-cpp"),
+        choices=PROTOCOLS,
         help="how documents are cut into windows (default rolling; see README)",
     )
     group.add_argument(
@@ -124,7 +138,7 @@ def add_scoring_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         help="positions whose logits are held at once (default: 256 MiB of float32 logits)",
     )
-    group.add_argument("--padding-side", choices=("right", "left"), help="default right")
+    group.add_argument("--padding-side", choices=PADDING_SIDES, help="default right")
     group.add_argument("--threads", type=int, help="CPU threads (default: all available cores)")
 
 
@@ -160,9 +174,13 @@ def add_ppl_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_ppl(args: argparse.Namespace) -> int:
+    # Options are checked before lmeval.run imports torch and transformers (about
+    # 5 s), so that an invalid option fails at once.
+    config = _config_from_args(args)
+    if not config.progress:
+        _disable_library_progress_bars()
     from lmeval.run import run_perplexity
 
-    config = _config_from_args(args)
     results = run_perplexity(config, progress_bar=config.progress)
     _print_results(results, config.json)
     return 0
@@ -177,25 +195,45 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LmevalError as error:
         if args.verbose:
             traceback.print_exc()
-        print(f"lmeval: error: {error}", file=sys.stderr)
+        # Messages may quote a library's multi-line error; the contract is one line.
+        message = " ".join(str(error).split())
+        print(f"lmeval: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("lmeval: interrupted", file=sys.stderr)
         return 130
 
 
-def _config_from_args(args: argparse.Namespace):
-    from lmeval.config import build_config, load_config_file
-
+def _config_from_args(args: argparse.Namespace) -> RunConfig:
     file_values = load_config_file(args.config) if args.config else {}
     skip = {"command", "handler", "config", "verbose", "quiet"}
     cli_values = {k: v for k, v in vars(args).items() if k not in skip}
     config = build_config(file_values, cli_values)
-    if not config.model:
-        raise ConfigError("no model given; pass --model (e.g. --model smollm2-135m)")
-    if config.threads is not None and config.threads < 1:
-        raise ConfigError(f"--threads must be at least 1, got {config.threads}")
+    validate_config(config)
     return config
+
+
+def _disable_library_progress_bars() -> None:
+    """Hide the progress bars of datasets, transformers and huggingface_hub too.
+
+    The environment variables cover libraries not imported yet (they read them at
+    import); the calls cover those already imported, e.g. when ``main`` runs in a
+    process that loaded them before.
+    """
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
+    if "huggingface_hub" in sys.modules:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    if "transformers" in sys.modules:
+        from transformers.utils.logging import disable_progress_bar
+
+        disable_progress_bar()
+    if "datasets" in sys.modules:
+        from datasets.utils.tqdm import disable_progress_bars as disable_datasets_bars
+
+        disable_datasets_bars()
 
 
 def _print_results(results: dict, as_json: bool) -> None:

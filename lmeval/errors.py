@@ -23,3 +23,7 @@ class DataError(LmevalError):
 
 class ScoringError(LmevalError):
     """Scoring could not produce a valid number, e.g. the model returned NaN."""
+
+
+class VocabularyError(ConfigError):
+    """Two tokenizers map a token id to different tokens, so their models cannot be compared."""

@@ -7,6 +7,7 @@ once, so they are token-weighted and never a mean of per-window means.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, fields
@@ -123,44 +124,82 @@ def resolve_settings(settings: ScoringSettings, loaded: LoadedModel) -> ScoringS
 
     Raises:
         ConfigError: on an unknown protocol, a window above the model's position
-            limit, or an invalid stride or batch size.
+            limit, or an invalid stride, batch size, padding side, logits chunk
+            size or chunk limit.
+        ScoringError: for a document protocol, when the tokenizer has neither a BOS
+            nor an EOS token to predict a document's first token from.
     """
     if settings.protocol not in PROTOCOLS:
         raise ConfigError(
             f"unknown protocol {settings.protocol!r}; choose one of {', '.join(PROTOCOLS)}"
         )
-    limit = loaded.max_positions
-    window_size = settings.window_size or min(limit or DEFAULT_WINDOW_SIZE, DEFAULT_WINDOW_SIZE)
-    minimum = 2 if settings.protocol == "llama-cpp" else 1
-    if window_size < minimum:
-        raise ConfigError(f"--window-size must be at least {minimum}, got {window_size}")
-    if limit is not None and window_size > limit:
-        raise ConfigError(
-            f"--window-size {window_size} is above the model's position limit of {limit}; "
-            f"pass --window-size {limit} or less (long documents are split into windows)"
-        )
-    stride = settings.stride
-    if settings.protocol == "sliding":
-        stride = stride or max(1, window_size // 2)
-        if not 1 <= stride <= window_size:
-            raise ConfigError(f"--stride must be in 1..{window_size}, got {stride}")
-    elif stride is not None:
-        raise ConfigError(f"--stride applies to the sliding protocol, not {settings.protocol!r}")
+    window_size = _resolve_window_size(settings, loaded.max_positions)
+    stride = _resolve_stride(settings, window_size)
     batch_size = settings.batch_size
     if batch_size == "auto":
         batch_size = auto_batch_size(loaded.model, window_size)
         logger.info("--batch-size auto chose %d", batch_size)
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"--batch-size must be a positive integer or 'auto', got {batch_size!r}")
-    return ScoringSettings(
-        protocol=settings.protocol,
-        window_size=window_size,
-        stride=stride,
-        batch_size=batch_size,
-        chunk_size=settings.chunk_size,
-        padding_side=settings.padding_side,
-        max_chunks=settings.max_chunks,
+    _check_options(settings)
+    if settings.protocol != "llama-cpp":
+        _check_prefix_token(loaded)
+    return dataclasses.replace(
+        settings, window_size=window_size, stride=stride, batch_size=batch_size
     )
+
+
+def _resolve_window_size(settings: ScoringSettings, limit: int | None) -> int:
+    window_size = settings.window_size
+    if window_size is None:
+        window_size = min(limit or DEFAULT_WINDOW_SIZE, DEFAULT_WINDOW_SIZE)
+    # A llama-cpp chunk of W tokens scores W - 1 - W // 2 of them: none when W is 2.
+    minimum = 3 if settings.protocol == "llama-cpp" else 1
+    if window_size < minimum:
+        raise ConfigError(
+            f"--window-size must be at least {minimum} with --protocol "
+            f"{settings.protocol}, got {window_size}"
+        )
+    if limit is not None and window_size > limit:
+        raise ConfigError(
+            f"--window-size {window_size} is above the model's position limit of {limit}; "
+            f"pass --window-size {limit} or less (long documents are split into windows)"
+        )
+    return window_size
+
+
+def _resolve_stride(settings: ScoringSettings, window_size: int) -> int | None:
+    stride = settings.stride
+    if settings.protocol != "sliding":
+        if stride is not None:
+            raise ConfigError(
+                f"--stride applies to the sliding protocol, not {settings.protocol!r}"
+            )
+        return None
+    if stride is None:
+        stride = max(1, window_size // 2)
+    if not 1 <= stride <= window_size:
+        raise ConfigError(f"--stride must be in 1..{window_size}, got {stride}")
+    return stride
+
+
+def _check_options(settings: ScoringSettings) -> None:
+    if settings.padding_side not in ("right", "left"):
+        raise ConfigError(
+            f"invalid --padding-side {settings.padding_side!r}; use one of right, left"
+        )
+    if settings.chunk_size is not None and settings.chunk_size < 1:
+        raise ConfigError(f"--logits-chunk-size must be at least 1, got {settings.chunk_size}")
+    if settings.max_chunks is not None and settings.max_chunks < 1:
+        raise ConfigError(f"--limit must be at least 1 chunk, got {settings.max_chunks}")
+
+
+def _check_prefix_token(loaded: LoadedModel) -> None:
+    """Fail before scoring when the tokenizer has no token to predict a first token from."""
+    try:
+        prefix_token_id(loaded.tokenizer)
+    except ScoringError as error:
+        raise ScoringError(f"model {loaded.identity.get('spec')!r}: {error}") from error
 
 
 def score_corpus(

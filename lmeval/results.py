@@ -15,8 +15,8 @@ import json
 import math
 import os
 import platform
-import tempfile
-from collections.abc import Iterable
+import secrets
+from collections.abc import Callable, Iterable
 from importlib import metadata
 from pathlib import Path
 from typing import Any, TextIO
@@ -39,17 +39,31 @@ LIBRARIES = (
 
 def write_json_atomic(path: Path, value: Any) -> None:
     """Write ``value`` as JSON to ``path`` through a temporary file and a rename."""
+
+    def write(file: TextIO) -> None:
+        json.dump(value, file, indent=2, allow_nan=False, default=_jsonable)
+        file.write("\n")
+
+    replace_atomically(path, write)
+
+
+def replace_atomically(path: Path, write: Callable[[TextIO], None]) -> None:
+    """Replace ``path`` by a file that ``write`` fills, through a temporary file.
+
+    The temporary file sits next to ``path``, is flushed to disk and then renamed
+    over it, so readers and a later run see the old file or the new one, never a
+    part. It is opened like any new file, so it gets the umask's permissions.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     try:
-        with os.fdopen(descriptor, "w", encoding="utf-8") as file:
-            json.dump(value, file, indent=2, allow_nan=False, default=_jsonable)
-            file.write("\n")
+        with open(temporary, "x", encoding="utf-8") as file:
+            write(file)
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, path)
     except BaseException:
-        Path(temporary).unlink(missing_ok=True)
+        temporary.unlink(missing_ok=True)
         raise
 
 
@@ -96,8 +110,9 @@ class OutputDirectory:
         resume: continue a run whose config.json matches ``run``.
 
     Raises:
-        ConfigError: when the directory holds another run, or holds this run and
-            ``resume`` is off.
+        ConfigError: when the directory holds another run, holds this run and
+            ``resume`` is off, holds outputs without a config.json, or cannot be
+            written.
     """
 
     def __init__(self, path: str | Path, run: dict[str, Any], resume: bool) -> None:
@@ -113,33 +128,56 @@ class OutputDirectory:
         config_path = self.path / CONFIG_FILE
         key = fingerprint(self.run)
         if config_path.exists():
-            stored = _read_json(config_path)
-            if stored.get("fingerprint") != key:
-                raise ConfigError(
-                    f"--output {str(self.path)!r} holds results of a different "
-                    "configuration (model, data or scoring options differ); choose "
-                    "another --output directory or delete this one"
-                )
-            if not resume:
-                raise ConfigError(
-                    f"--output {str(self.path)!r} already holds results of this run; "
-                    "pass --resume to continue it, or choose another --output"
-                )
+            self._check_stored_run(_read_json(config_path), key, resume)
             self.finished_rows = read_rows(self.path / DOCUMENTS_FILE)
-        elif resume and (self.path / DOCUMENTS_FILE).exists():
+        else:
+            self._check_no_outputs()
+        try:
+            write_json_atomic(config_path, {"fingerprint": key, "run": self.run})
+            self._rewrite_rows()
+        except OSError as error:
             raise ConfigError(
-                f"--output {str(self.path)!r} has no {CONFIG_FILE}, so it cannot be "
-                "resumed; choose another --output"
+                f"cannot write to --output {str(self.path)!r}: {error}; choose a writable directory"
+            ) from error
+
+    def _check_stored_run(self, stored: dict, key: str, resume: bool) -> None:
+        if stored.get("fingerprint") != key:
+            differences = run_differences(stored.get("run") or {}, self.run)
+            detail = f" ({'; '.join(differences)})" if differences else ""
+            raise ConfigError(
+                f"--output {str(self.path)!r} holds results of a different "
+                f"configuration{detail}; choose another --output directory or delete "
+                "this one"
             )
-        write_json_atomic(config_path, {"fingerprint": key, "run": self.run})
-        self._rewrite_rows()
+        if not resume:
+            raise ConfigError(
+                f"--output {str(self.path)!r} already holds results of this run; "
+                "pass --resume to continue it, or choose another --output"
+            )
+
+    def _check_no_outputs(self) -> None:
+        """Reject a directory with outputs that no config.json describes."""
+        present = [name for name in (DOCUMENTS_FILE, RESULTS_FILE) if (self.path / name).exists()]
+        if present:
+            raise ConfigError(
+                f"--output {str(self.path)!r} contains {' and '.join(present)} but no "
+                f"{CONFIG_FILE}, so it cannot be resumed or overwritten safely; choose "
+                "another --output or delete those files"
+            )
 
     def _rewrite_rows(self) -> None:
-        """Drop a partly written last row (from a killed run) before appending."""
+        """Drop a partly written last row (from a killed run) before appending.
+
+        The rows are rewritten through a temporary file and a rename, so a run killed
+        here keeps the rows of the run it resumes.
+        """
         rows_path = self.path / DOCUMENTS_FILE
-        with open(rows_path, "w", encoding="utf-8") as file:
+
+        def write(file: TextIO) -> None:
             for row in self.finished_rows:
                 file.write(json.dumps(row, allow_nan=False) + "\n")
+
+        replace_atomically(rows_path, write)
         self._file = open(rows_path, "a", encoding="utf-8")  # noqa: SIM115
 
     @property
@@ -160,6 +198,40 @@ class OutputDirectory:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+def run_differences(stored: dict, current: dict, max_listed: int = 3) -> list[str]:
+    """List the values that differ between two run identities, as ``key: stored -> now``.
+
+    Nested keys are joined with dots (``protocol.window_size``); at most
+    ``max_listed`` differences are listed, then how many more there are.
+    """
+    # A JSON round trip makes the current run comparable with the stored one.
+    current = json.loads(json.dumps(current, default=_jsonable))
+    old, new = _flatten(stored), _flatten(current)
+    keys = sorted(key for key in old.keys() | new.keys() if old.get(key) != new.get(key))
+    listed = [f"{key}: {_short(old.get(key))} -> {_short(new.get(key))}" for key in keys]
+    if len(listed) > max_listed:
+        listed = [*listed[:max_listed], f"{len(listed) - max_listed} more"]
+    return listed
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list | tuple):
+        items = enumerate(value)
+    else:
+        return {prefix: value}
+    flat = {}
+    for key, item in items:
+        flat |= _flatten(item, f"{prefix}.{key}" if prefix else str(key))
+    return flat
+
+
+def _short(value: Any, width: int = 60) -> str:
+    text = json.dumps(value, default=_jsonable)
+    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -230,7 +302,9 @@ def _with_interval(m: dict, name: str) -> str:
 
 
 def _data_label(data: dict) -> str:
-    label = data.get("task") or data.get("source") or "?"
+    source = data.get("source") or {}
+    files = [file["path"] for file in source.get("files", [])]
+    label = data.get("task") or ", ".join(files) or source.get("path") or source.get("name") or "?"
     if data.get("limit"):
         label += f" (first {data['limit']})"
     return str(label)

@@ -14,7 +14,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from lmeval.config import RunConfig
+from lmeval.config import RunConfig, validate_config
 from lmeval.data import load_corpus
 from lmeval.models import load_model
 from lmeval.perplexity import (
@@ -37,6 +37,7 @@ BYTE_DEFINITION = "UTF-8 bytes of the original document text"
 
 def run_perplexity(config: RunConfig, progress_bar: bool = True) -> dict:
     """Score ``config.model`` on the configured corpus and return the results object."""
+    validate_config(config)
     started = time.perf_counter()
     set_threads(config.threads)
     corpus = load_corpus(
@@ -62,8 +63,7 @@ def run_perplexity(config: RunConfig, progress_bar: bool = True) -> dict:
     load_seconds = time.perf_counter() - load_started
     settings = resolve_settings(_settings(config), loaded)
     protocol = protocol_record(settings, loaded)
-    run = {"command": "ppl", "model": loaded.identity, "data": corpus.identity}
-    run["protocol"] = protocol
+    run = run_identity(config, loaded.identity, corpus.identity, protocol)
 
     output = OutputDirectory(config.output, run, config.resume) if config.output else None
     finished = output.finished_indices if output else set()
@@ -126,6 +126,19 @@ def run_perplexity(config: RunConfig, progress_bar: bool = True) -> dict:
     if output:
         output.write_results(results)
     return results
+
+
+def run_identity(config: RunConfig, model: dict, data: dict, protocol: dict) -> dict:
+    """Return what identifies a run for resuming: the input of its config fingerprint.
+
+    Values that may differ between two runs of the same command are left out or
+    replaced by what was requested: the GGUF cache directory (it follows
+    --cache-dir and $LMEVAL_CACHE_DIR, and holds the same weights wherever it is)
+    and the batch size that ``--batch-size auto`` chose from the free memory.
+    """
+    model = {key: value for key, value in model.items() if key != "cache_path"}
+    protocol = protocol | {"batch_size": config.batch_size}
+    return {"command": "ppl", "model": model, "data": data, "protocol": protocol}
 
 
 def protocol_record(settings: ScoringSettings, loaded) -> dict:

@@ -64,3 +64,22 @@ def cycle_table(vocab_size: int, p: float) -> np.ndarray:
 def uniform_llama(vocab_size: int, max_positions: int = 512) -> LlamaForCausalLM:
     """Build a model whose every next-token distribution is uniform over V tokens."""
     return bigram_llama(np.zeros((vocab_size, vocab_size)), max_positions)
+
+
+def random_table(vocab_size: int, seed: int = 0, scale: float = 2.0) -> np.ndarray:
+    """Return a ``[V, V]`` table of log-probabilities drawn at random, rows normalised.
+
+    Unlike :func:`cycle_table`, almost every (previous, next) pair has its own
+    probability, so reading a token's NLL from the wrong pair changes the number.
+    """
+    logits = np.random.default_rng(seed).normal(scale=scale, size=(vocab_size, vocab_size))
+    return logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
+
+
+def bigram_nll(table: np.ndarray, tokens: list[int], prefix: int) -> np.ndarray:
+    """Return the closed-form NLL of each of ``tokens`` after ``prefix`` under ``table``.
+
+    Token ``j`` is predicted from token ``j - 1``, the first one from ``prefix``.
+    """
+    previous = [prefix, *tokens[:-1]]
+    return -table[previous, tokens]
