@@ -47,6 +47,8 @@ class TokenScores:
 
     token_nll: np.ndarray  # [num_scored] float64, -log p(target)
     correct: np.ndarray  # [num_scored] bool, argmax == target
+    top1_prob: np.ndarray  # [num_scored] float32, max_v p(v): the model's confidence
+    entropy: np.ndarray | None = None  # [num_scored] float32, in nats, if requested
 
 
 def default_chunk_size(vocab_size: int) -> int:
@@ -64,6 +66,8 @@ class WindowScorer:
         pad_token_id: id placed in padded positions (never scored, masked out).
         padding_side: "right" or "left"; position ids follow the attention mask, so
             both give the same numbers.
+        with_entropy: also return each position's predictive entropy (one more pass
+            over the vocabulary per position).
     """
 
     def __init__(
@@ -74,6 +78,7 @@ class WindowScorer:
         chunk_size: int | None = None,
         pad_token_id: int = 0,
         padding_side: str = "right",
+        with_entropy: bool = False,
     ) -> None:
         if padding_side not in ("right", "left"):
             raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
@@ -84,6 +89,7 @@ class WindowScorer:
         self.chunk_size = chunk_size or default_chunk_size(self.vocab_size)
         self.pad_token_id = pad_token_id
         self.padding_side = padding_side
+        self.with_entropy = with_entropy
         self.split_head = _head_matches_model(model)
         if not self.split_head:
             logger.warning(
@@ -162,15 +168,19 @@ class WindowScorer:
 
     def _score_batch(self, batch: Sequence[Window]) -> list[TokenScores]:
         num_scored = sum(window.num_scored for window in batch)
-        token_nll = np.empty(num_scored, dtype=np.float64)
-        correct = np.empty(num_scored, dtype=bool)
+        columns = {
+            "token_nll": np.empty(num_scored, dtype=np.float64),
+            "correct": np.empty(num_scored, dtype=bool),
+            "top1_prob": np.empty(num_scored, dtype=np.float32),
+        }
+        if self.with_entropy:
+            columns["entropy"] = np.empty(num_scored, dtype=np.float32)
         for chunk in self.logit_chunks(batch):
-            target_logits = chunk.logits.gather(-1, chunk.targets[:, None]).squeeze(-1)
-            nll = torch.logsumexp(chunk.logits, dim=-1) - target_logits
-            token_nll[chunk.begin : chunk.end] = nll.double().cpu().numpy()
-            correct[chunk.begin : chunk.end] = (chunk.logits.argmax(-1) == chunk.targets).cpu()
-        self._check_finite(token_nll, batch)
-        return _split_by_window(batch, token_nll, correct)
+            rows = slice(chunk.begin, chunk.end)
+            for name, values in _chunk_statistics(chunk, self.with_entropy).items():
+                columns[name][rows] = values
+        self._check_finite(columns["token_nll"], batch)
+        return _split_by_window(batch, columns)
 
     def _pad(self, batch: Sequence[Window]):
         """Pad a batch to ``[B, T]`` and return ids, mask, position ids and offsets."""
@@ -217,14 +227,30 @@ class WindowScorer:
         )
 
 
-def _split_by_window(
-    batch: Sequence[Window], token_nll: np.ndarray, correct: np.ndarray
-) -> list[TokenScores]:
+def _chunk_statistics(chunk: LogitChunk, with_entropy: bool) -> dict[str, np.ndarray]:
+    """Compute per-position NLL, top-1 correctness, confidence and maybe entropy."""
+    logits = chunk.logits  # [C, V]
+    log_normalizer = torch.logsumexp(logits, dim=-1)  # [C]
+    target_logits = logits.gather(-1, chunk.targets[:, None]).squeeze(-1)
+    top1_logits, top1_ids = logits.max(-1)
+    statistics = {
+        "token_nll": (log_normalizer - target_logits).double().cpu().numpy(),
+        "correct": (top1_ids == chunk.targets).cpu().numpy(),
+        "top1_prob": (top1_logits - log_normalizer).exp().cpu().numpy(),
+    }
+    if with_entropy:
+        logprobs = logits - log_normalizer[:, None]  # [C, V]
+        entropy = -(logprobs.exp() * logprobs).nan_to_num(0.0).sum(-1)
+        statistics["entropy"] = entropy.cpu().numpy()
+    return statistics
+
+
+def _split_by_window(batch: Sequence[Window], columns: dict[str, np.ndarray]) -> list[TokenScores]:
     results = []
     begin = 0
     for window in batch:
         end = begin + window.num_scored
-        results.append(TokenScores(token_nll[begin:end], correct[begin:end]))
+        results.append(TokenScores(**{name: values[begin:end] for name, values in columns.items()}))
         begin = end
     return results
 

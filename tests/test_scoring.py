@@ -151,3 +151,18 @@ def test_prefix_token_missing_raises():
 
     with pytest.raises(ScoringError, match="neither a BOS nor an EOS"):
         prefix_token_id(Tokenizer())
+
+
+def test_top1_prob_and_entropy_closed_form():
+    p, vocab = 0.7, 6
+    model = bigram_llama(cycle_table(vocab, p))
+    scores = WindowScorer(model, with_entropy=True).score(rolling_windows([1, 2, 4], 0, 8))[0]
+    rest = (1 - p) / (vocab - 1)
+    expected_entropy = -p * math.log(p) - (vocab - 1) * rest * math.log(rest)
+    np.testing.assert_allclose(scores.top1_prob, p, rtol=1e-5)
+    np.testing.assert_allclose(scores.entropy, expected_entropy, rtol=1e-5)
+
+
+def test_entropy_omitted_by_default():
+    model = bigram_llama(cycle_table(6, 0.7))
+    assert WindowScorer(model).score(rolling_windows([1, 2], 0, 8))[0].entropy is None
