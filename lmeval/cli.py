@@ -26,7 +26,7 @@ from lmeval.config import (
     load_config_file,
     validate_config,
 )
-from lmeval.errors import LmevalError
+from lmeval.errors import ConfigError, LmevalError
 from lmeval.windows import PROTOCOLS
 
 logger = logging.getLogger("lmeval")
@@ -60,6 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
     from lmeval.kl_cli import add_kl_commands
 
     add_kl_commands(commands)
+    from lmeval.compare import add_compare_command
+    from lmeval.report import add_report_command
+
+    add_report_command(commands)
+    add_compare_command(commands)
     return parser
 
 
@@ -171,17 +176,26 @@ def add_ppl_arguments(parser: argparse.ArgumentParser) -> None:
     add_data_arguments(parser)
     add_scoring_arguments(parser)
     add_output_arguments(parser)
+    parser.add_argument(
+        "--save-tokens",
+        action="store_true",
+        help="also write --output/tokens.parquet: one row per scored token with its NLL, "
+        "top-1 correctness and probability, and entropy",
+    )
 
 
 def run_ppl(args: argparse.Namespace) -> int:
-    # Options are checked before lmeval.run imports torch and transformers (about
-    # 5 s), so that an invalid option fails at once.
+    # Options are checked before lmeval.run imports torch and transformers, which
+    # takes several seconds, so that an invalid option fails at once.
+    save_tokens = vars(args).pop("save_tokens", False)
     config = _config_from_args(args)
+    if save_tokens and not config.output:
+        raise ConfigError("--save-tokens needs --output DIR, the directory tokens.parquet goes to")
     if not config.progress:
         _disable_library_progress_bars()
     from lmeval.run import run_perplexity
 
-    results = run_perplexity(config, progress_bar=config.progress)
+    results = run_perplexity(config, progress_bar=config.progress, save_tokens=save_tokens)
     _print_results(results, config.json)
     return 0
 
@@ -195,7 +209,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LmevalError as error:
         if args.verbose:
             traceback.print_exc()
-        # Messages may quote a library's multi-line error; the contract is one line.
+        # A message may quote a library's multi-line error, but the command prints one line.
         message = " ".join(str(error).split())
         print(f"lmeval: error: {message}", file=sys.stderr)
         return 2
@@ -216,8 +230,8 @@ def _config_from_args(args: argparse.Namespace) -> RunConfig:
 def _disable_library_progress_bars() -> None:
     """Hide the progress bars of datasets, transformers and huggingface_hub too.
 
-    The environment variables cover libraries not imported yet (they read them at
-    import); the calls cover those already imported, e.g. when ``main`` runs in a
+    The environment variables cover the libraries not imported yet, which read them
+    at import. The calls cover those already imported, e.g. when ``main`` runs in a
     process that loaded them before.
     """
     os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"

@@ -127,7 +127,7 @@ def build_config(file_values: dict[str, Any], cli_values: dict[str, Any]) -> Run
 
 
 def validate_config(config: RunConfig) -> None:
-    """Check the options that need no model or data; report every problem at once.
+    """Check the options that need no model or data, and report every problem at once.
 
     Values from a config file do not pass through the command line's own checks,
     so choices and ranges are checked here for both.

@@ -49,6 +49,8 @@ class ScoringSettings:
         padding_side: "right" or "left".
         max_chunks: with ``llama-cpp``, score only the first N chunks (llama-perplexity's
             ``--chunks N``); None scores all.
+        with_entropy: also compute each token's predictive entropy (one more pass over
+            the vocabulary per token).
     """
 
     protocol: str = "rolling"
@@ -58,11 +60,22 @@ class ScoringSettings:
     chunk_size: int | None = None
     padding_side: str = "right"
     max_chunks: int | None = None
+    with_entropy: bool = False
+
+
+#: Per-token arrays of a :class:`DocumentResult`, never written to documents.jsonl.
+TOKEN_ARRAYS = ("token_nll", "correct", "top1_prob", "entropy", "target_ids", "window_position")
 
 
 @dataclass
 class DocumentResult:
-    """Sums over one document's scored tokens (or one llama.cpp chunk)."""
+    """Sums over one document's scored tokens (or one llama.cpp chunk).
+
+    The per-token arrays are in target order. ``window_position[k]`` is the index,
+    within its window's input, of the position that predicts token k, so the model saw
+    ``window_position[k] + 1`` tokens (the prefix token included) to predict it.
+    ``entropy`` is None unless the settings asked for it.
+    """
 
     index: int
     id: str
@@ -76,11 +89,15 @@ class DocumentResult:
     skipped: str | None = None
     token_nll: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False)
     correct: np.ndarray = field(default_factory=lambda: np.zeros(0, bool), repr=False)
+    top1_prob: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32), repr=False)
+    entropy: np.ndarray | None = field(default=None, repr=False)
+    target_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64), repr=False)
+    window_position: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64), repr=False)
 
     @classmethod
     def from_row(cls, row: dict) -> DocumentResult:
         """Rebuild a result (without per-token arrays) from its documents.jsonl row."""
-        names = {f.name for f in fields(cls)} - {"token_nll", "correct"}
+        names = {f.name for f in fields(cls)} - set(TOKEN_ARRAYS)
         return cls(**{name: row[name] for name in names if name in row})
 
     def row(self) -> dict:
@@ -243,6 +260,7 @@ def score_units(
         chunk_size=settings.chunk_size,
         pad_token_id=_pad_token_id(loaded.tokenizer),
         padding_side=settings.padding_side,
+        with_entropy=settings.with_entropy,
     )
     results = []
     for group in _groups(list(units), WINDOWS_PER_GROUP * settings.batch_size):
@@ -362,6 +380,15 @@ def _score_group(scorer: WindowScorer, group: list[Unit], progress) -> None:
             )
         unit.result.token_nll = token_nll
         unit.result.correct = correct
+        unit.result.top1_prob = np.concatenate([part.top1_prob for part in parts])
+        if scorer.with_entropy:
+            unit.result.entropy = np.concatenate([part.entropy for part in parts])
+        unit.result.target_ids = np.concatenate(
+            [np.asarray(w.target_ids[w.score_start :], dtype=np.int64) for w in unit.windows]
+        )
+        unit.result.window_position = np.concatenate(
+            [np.arange(w.score_start, len(w.input_ids), dtype=np.int64) for w in unit.windows]
+        )
         unit.result.sum_nll = float(token_nll.sum(dtype=np.float64))
         unit.result.sum_nll_squared = float((token_nll**2).sum(dtype=np.float64))
         unit.result.num_correct = int(correct.sum())

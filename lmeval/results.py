@@ -110,9 +110,9 @@ class OutputDirectory:
         resume: continue a run whose config.json matches ``run``.
 
     Raises:
-        ConfigError: when the directory holds another run, holds this run and
-            ``resume`` is off, holds outputs without a config.json, or cannot be
-            written.
+        ConfigError: when the directory contains another run's outputs, or this
+            run's and ``resume`` is off, or outputs without a config.json, or when it
+            cannot be written.
     """
 
     def __init__(self, path: str | Path, run: dict[str, Any], resume: bool) -> None:
@@ -145,7 +145,7 @@ class OutputDirectory:
             differences = run_differences(stored.get("run") or {}, self.run)
             detail = f" ({'; '.join(differences)})" if differences else ""
             raise ConfigError(
-                f"--output {str(self.path)!r} holds results of a different "
+                f"--output {str(self.path)!r} contains the results of a different "
                 f"configuration{detail}; choose another --output directory or delete "
                 "this one"
             )
@@ -203,7 +203,7 @@ class OutputDirectory:
 def run_differences(stored: dict, current: dict, max_listed: int = 3) -> list[str]:
     """List the values that differ between two run identities, as ``key: stored -> now``.
 
-    Nested keys are joined with dots (``protocol.window_size``); at most
+    Nested keys are joined with dots (``protocol.window_size``). At most
     ``max_listed`` differences are listed, then how many more there are.
     """
     # A JSON round trip makes the current run comparable with the stored one.

@@ -16,6 +16,8 @@ from tqdm import tqdm
 
 from lmeval.config import RunConfig, validate_config
 from lmeval.data import load_corpus
+from lmeval.diagnostics import compute_diagnostics
+from lmeval.errors import ConfigError
 from lmeval.models import load_model
 from lmeval.perplexity import (
     DocumentResult,
@@ -28,6 +30,7 @@ from lmeval.perplexity import (
 )
 from lmeval.results import OutputDirectory, environment, library_versions, now
 from lmeval.scoring import default_chunk_size, prefix_token_id
+from lmeval.tokens import TOKENS_FILE, write_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -35,9 +38,21 @@ WORD_DEFINITION = "whitespace-separated strings of the original document text (s
 BYTE_DEFINITION = "UTF-8 bytes of the original document text"
 
 
-def run_perplexity(config: RunConfig, progress_bar: bool = True) -> dict:
-    """Score ``config.model`` on the configured corpus and return the results object."""
+def run_perplexity(config: RunConfig, progress_bar: bool = True, save_tokens: bool = False) -> dict:
+    """Score ``config.model`` on the configured corpus and return the results object.
+
+    The progress bar is shown when both ``progress_bar`` and ``config.progress`` are
+    true. With ``save_tokens``, every scored token is also written to
+    ``config.output/tokens.parquet`` (see :mod:`lmeval.tokens`), entropy included.
+
+    Raises:
+        ConfigError: besides invalid options, ``save_tokens`` without an output
+            directory, or with a resumed run whose earlier documents have no
+            per-token values.
+    """
     validate_config(config)
+    if save_tokens and not config.output:
+        raise ConfigError("--save-tokens needs --output DIR, the directory tokens.parquet goes to")
     started = time.perf_counter()
     set_threads(config.threads)
     corpus = load_corpus(
@@ -62,6 +77,7 @@ def run_perplexity(config: RunConfig, progress_bar: bool = True) -> dict:
     )
     load_seconds = time.perf_counter() - load_started
     settings = resolve_settings(_settings(config), loaded)
+    settings = dataclasses.replace(settings, with_entropy=save_tokens)
     protocol = protocol_record(settings, loaded)
     run = run_identity(config, loaded.identity, corpus.identity, protocol)
 
@@ -72,6 +88,11 @@ def run_perplexity(config: RunConfig, progress_bar: bool = True) -> dict:
     ]
     if finished:
         logger.info("resuming: %d documents already scored, %d to go", len(finished), len(units))
+    if finished and save_tokens:
+        raise ConfigError(
+            f"--save-tokens cannot resume {config.output!r}: its {len(finished)} finished "
+            "documents have no per-token values; choose a new --output to rescore them all"
+        )
 
     scoring_started = time.perf_counter()
     total = sum(unit.num_scored for unit in units)
@@ -79,7 +100,8 @@ def run_perplexity(config: RunConfig, progress_bar: bool = True) -> dict:
         total=total,
         unit="tok",
         unit_scale=True,
-        disable=not progress_bar,
+        # RunConfig.progress turns the bar off for library callers too.
+        disable=not (progress_bar and config.progress),
         desc="scoring",
     ) as bar:
         documents = score_units(
@@ -90,6 +112,9 @@ def run_perplexity(config: RunConfig, progress_bar: bool = True) -> dict:
             progress=bar.update,
         )
     scoring_seconds = time.perf_counter() - scoring_started
+    diagnostics = compute_diagnostics(documents, loaded.tokenizer, settings.window_size)
+    if save_tokens:
+        write_tokens(os.path.join(config.output, TOKENS_FILE), documents, loaded.tokenizer)
 
     if output:
         documents = [DocumentResult.from_row(row) for row in output.finished_rows] + documents
@@ -99,6 +124,7 @@ def run_perplexity(config: RunConfig, progress_bar: bool = True) -> dict:
         "command": "ppl",
         "created": now(),
         "metrics": corpus_metrics(documents, settings.protocol),
+        "diagnostics": diagnostics,
         "interval_method": interval_method(
             settings.protocol, sum(d.skipped is None for d in documents)
         ),
@@ -133,10 +159,13 @@ def run_identity(config: RunConfig, model: dict, data: dict, protocol: dict) -> 
 
     Values that may differ between two runs of the same command are left out or
     replaced by what was requested: the GGUF cache directory (it follows
-    --cache-dir and $LMEVAL_CACHE_DIR, and holds the same weights wherever it is)
-    and the batch size that ``--batch-size auto`` chose from the free memory.
+    --cache-dir and $LMEVAL_CACHE_DIR, and contains the same weights wherever it is),
+    the file path of a built-in model (gemma3-270m is assembled in that cache
+    directory; its name and sha256 identify it) and the batch size that
+    ``--batch-size auto`` chose from the free memory.
     """
-    model = {key: value for key, value in model.items() if key != "cache_path"}
+    varying = {"cache_path", "path"} if model.get("source") == "builtin" else {"cache_path"}
+    model = {key: value for key, value in model.items() if key not in varying}
     protocol = protocol | {"batch_size": config.batch_size}
     return {"command": "ppl", "model": model, "data": data, "protocol": protocol}
 

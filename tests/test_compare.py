@@ -1,0 +1,97 @@
+"""Comparison of two runs: differences and the error-bar tests."""
+
+import json
+
+import pytest
+
+from lmeval.cli import main
+from lmeval.compare import compare_results, intervals_disjoint, z_test_outside
+from lmeval.errors import ConfigError
+
+
+def ppl_results(mean_nll: float, stderr: float, accuracy: float = 0.5) -> dict:
+    import math
+
+    low, high = mean_nll - 1.96 * stderr, mean_nll + 1.96 * stderr
+    return {
+        "command": "ppl",
+        "metrics": {
+            "perplexity": math.exp(mean_nll),
+            "perplexity_interval": [math.exp(low), math.exp(high)],
+            "mean_nll": mean_nll,
+            "mean_nll_interval": [low, high],
+            "mean_nll_stderr": stderr,
+            "bits_per_byte": mean_nll / 3,
+            "bits_per_byte_interval": [low / 3, high / 3],
+            "byte_perplexity": 2.0,
+            "byte_perplexity_interval": [1.9, 2.1],
+            "word_perplexity": 9.0,
+            "word_perplexity_interval": None,
+            "accuracy": accuracy,
+            "accuracy_interval": [accuracy - 0.02, accuracy + 0.02],
+            "accuracy_stderr": 0.01,
+            "num_tokens": 1000,
+        },
+    }
+
+
+def rows_by_name(a: dict, b: dict) -> dict:
+    return {row.name: row for row in compare_results(a, b)}
+
+
+def test_compare_flags_difference_outside():
+    rows = rows_by_name(ppl_results(3.0, 0.01), ppl_results(3.1, 0.01))
+    assert rows["mean_nll"].difference == pytest.approx(0.1)
+    assert rows["mean_nll"].outside is True
+    assert rows["perplexity"].outside is True
+    assert rows["perplexity"].test == "z-test on mean_nll"
+    assert rows["bits_per_byte"].outside is True
+    assert rows["bits_per_byte"].test == "95% intervals"
+
+
+def test_compare_does_not_flag_difference_inside():
+    rows = rows_by_name(ppl_results(3.0, 0.05), ppl_results(3.05, 0.05))
+    # z = 0.05 / (0.05 * sqrt 2) = 0.71
+    assert rows["mean_nll"].outside is False
+    assert rows["perplexity"].outside is False
+    assert rows["accuracy"].outside is False
+    assert rows["bits_per_byte"].outside is False
+
+
+def test_compare_missing_error_bars_are_unknown():
+    rows = rows_by_name(ppl_results(3.0, 0.05), ppl_results(3.5, 0.05))
+    assert rows["word_perplexity"].outside is None
+    assert rows["num_tokens"].outside is None
+    assert rows["num_tokens"].difference == 0
+
+
+def test_z_test_and_intervals_by_hand():
+    assert z_test_outside(0.0, 1.0, 2.8, 1.0) is True  # z = 1.98
+    assert z_test_outside(0.0, 1.0, 2.7, 1.0) is False  # z = 1.91
+    assert z_test_outside(0.0, None, 2.8, 1.0) is None
+    assert intervals_disjoint([0, 1], [1.5, 2]) is True
+    assert intervals_disjoint([0, 1], [0.9, 2]) is False
+
+
+def test_compare_rejects_different_commands():
+    kl = {"command": "kl", "metrics": {}}
+    with pytest.raises(ConfigError, match="cannot compare"):
+        compare_results(ppl_results(3.0, 0.1), kl)
+
+
+def test_compare_command_prints_table(tmp_path, capsys):
+    for name, mean_nll in (("a", 3.0), ("b", 3.2)):
+        (tmp_path / name).mkdir()
+        text = json.dumps(ppl_results(mean_nll, 0.01))
+        (tmp_path / name / "results.json").write_text(text)
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:3] == ["metric", "A", "B"]
+    mean_nll_line = next(line for line in lines if line.startswith("mean NLL"))
+    assert "+0.2000" in mean_nll_line
+    assert " yes " in mean_nll_line
+
+
+def test_compare_command_missing_run(tmp_path, capsys):
+    assert main(["compare", str(tmp_path), str(tmp_path)]) == 2
+    assert "results.json' not found" in capsys.readouterr().err
