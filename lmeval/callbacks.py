@@ -22,7 +22,9 @@ from collections.abc import Sequence
 import torch
 from transformers import TrainerCallback
 
-from lmeval.comparison import (
+from lmeval.errors import ConfigError
+from lmeval.kl import TokenDivergences, summarize
+from lmeval.kl_scoring import (
     LiveReference,
     adapters_disabled,
     check_vocabularies,
@@ -30,8 +32,6 @@ from lmeval.comparison import (
     default_kl_chunk_size,
     token_list,
 )
-from lmeval.errors import ConfigError
-from lmeval.kl import TokenDivergences, summarize
 from lmeval.scoring import WindowScorer, prefix_token_id
 from lmeval.windows import Window, rolling_windows
 

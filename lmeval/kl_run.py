@@ -16,7 +16,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from lmeval.comparison import (
+from lmeval.config import DTYPES, PADDING_SIDES
+from lmeval.data import Corpus, load_corpus
+from lmeval.errors import ConfigError, ScoringError
+from lmeval.kl import DIRECTIONS, summarize
+from lmeval.kl_scoring import (
     ComparisonOptions,
     DocumentComparison,
     LiveReference,
@@ -29,10 +33,6 @@ from lmeval.comparison import (
     run_reference,
     token_list,
 )
-from lmeval.config import DTYPES, PADDING_SIDES
-from lmeval.data import Corpus, load_corpus
-from lmeval.errors import ConfigError, ScoringError
-from lmeval.kl import DIRECTIONS, summarize
 from lmeval.models import LoadedModel, load_model
 from lmeval.perplexity import (
     WINDOWS_PER_GROUP,

@@ -14,10 +14,10 @@ from safetensors import safe_open
 from tiny import make_tiny_llama, make_tokenizer, save_model_dir
 
 from lmeval import reference_cache
-from lmeval.comparison import LiveReference, compare_windows
 from lmeval.errors import ConfigError, VocabularyError
 from lmeval.kl import TokenDivergences
 from lmeval.kl_run import KLConfig, run_kl
+from lmeval.kl_scoring import LiveReference, compare_windows
 from lmeval.reference_cache import CacheOptions, CacheWriter, ReferenceCache
 from lmeval.scoring import WindowScorer
 from lmeval.windows import rolling_windows

@@ -1,4 +1,4 @@
-"""lmeval.comparison and lmeval.kl_run on tiny real models: closed forms, equivalences,
+"""lmeval.kl_scoring and lmeval.kl_run on tiny real models: closed forms, equivalences,
 vocabulary checks, results.json and the ``lmeval kl`` command."""
 
 import json
@@ -15,7 +15,10 @@ from handset import bigram_llama, cycle_table
 from tiny import make_tiny_llama, make_tokenizer, save_model_dir
 
 from lmeval.cli import main
-from lmeval.comparison import (
+from lmeval.errors import ConfigError, ScoringError, VocabularyError
+from lmeval.kl import TokenDivergences
+from lmeval.kl_run import KLConfig, run_kl
+from lmeval.kl_scoring import (
     ComparisonOptions,
     LiveReference,
     WorstTokens,
@@ -23,9 +26,6 @@ from lmeval.comparison import (
     compare_windows,
     token_list,
 )
-from lmeval.errors import ConfigError, ScoringError, VocabularyError
-from lmeval.kl import TokenDivergences
-from lmeval.kl_run import KLConfig, run_kl
 from lmeval.scoring import WindowScorer
 from lmeval.windows import rolling_windows
 

@@ -525,6 +525,10 @@ def compare_units(
 
     Units are compared in groups of about ``windows_per_group`` windows, so that
     ``on_document`` is called for each document soon after it is finished.
+
+    NOTE: the per-token values (about 100 bytes per token) are kept for every
+    document, because the run's percentiles are computed over all of them. Memory for
+    logits is bounded by the chunk size, but this part grows with the corpus.
     """
     options = options or ComparisonOptions()
     documents = []
