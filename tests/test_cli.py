@@ -1,11 +1,16 @@
-"""The lmeval command line as a user runs it: one real subprocess per case, offline.
+"""The lmeval command line as a user runs it, offline.
 
 Bad input must end with exit status 2 and one line ``lmeval: error: ...`` on stderr
 that names the offending value, with no traceback (one appears with ``-v``).
 Errors that argparse finds itself print the usage first and then
-``lmeval ppl: error: ...``. Most subprocesses import torch and transformers, which
-costs several seconds of CPU. So the module starts every case at once in a thread
-pool and the tests read the outcomes, and selecting one test still runs them all.
+``lmeval ppl: error: ...``.
+
+Each case of ``ERRORS``, ``ARGPARSE_ERRORS`` and ``RUNS`` is a real ``python -m
+lmeval`` subprocess. Most of them import torch and transformers, which costs several
+seconds of CPU, so the module starts them all at once in a thread pool and the tests
+read the outcomes (selecting one test still runs them all). Further option checks,
+which fail before any model is loaded, go through :func:`lmeval.cli.main` in this
+process.
 """
 
 from __future__ import annotations
@@ -309,9 +314,7 @@ def main_in_process(root, monkeypatch):
     monkeypatch.chdir(root)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("LMEVAL_CACHE_DIR", str(root / "lmeval-cache"))
-    threads = torch.get_num_threads()
-    yield lambda args: main(["ppl", *args])
-    torch.set_num_threads(threads)  # --threads sets it for the whole process
+    return lambda args: main(["ppl", *args])
 
 
 @pytest.mark.parametrize("case", IN_PROCESS_ERRORS, ids=lambda case: case.id)

@@ -61,16 +61,6 @@ def score(loaded, corpus, **settings):
     return score_corpus(loaded, corpus, resolved)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models run fastest on one thread. On a busy two-core machine, two threads
-    # waiting on each other at every small matrix product made these tests 80 times slower.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def table() -> np.ndarray:
     return random_table(VOCAB, seed=0)

@@ -19,7 +19,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-import torch
 from tiny import GGUF_VOCAB_SIZE, make_tiny_llama, make_tokenizer, save_model_dir, write_tiny_gguf
 
 from lmeval import perplexity, results
@@ -43,15 +42,6 @@ def write_lines(path: Path, count: int, seed: int) -> Path:
     lines = [" ".join(rng.choices(WORDS, k=rng.randint(5, 60))) for _ in range(count)]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The runs here pass threads=1, which sets torch's thread count for the whole
-    # process. This restores it for the tests that follow.
-    previous = torch.get_num_threads()
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")
