@@ -31,8 +31,9 @@ logger = logging.getLogger(__name__)
 
 #: Window size used when neither the user nor the model's position limit sets one.
 DEFAULT_WINDOW_SIZE = 2048
-#: Windows scored together before finished documents are reported.
-WINDOWS_PER_GROUP = 64
+#: Batches of windows scored together (sorted longest first) before the finished
+#: documents among them are reported, so a killed run loses at most this much work.
+WINDOWS_PER_GROUP = 4
 
 
 @dataclass(frozen=True)

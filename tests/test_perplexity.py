@@ -191,3 +191,20 @@ def test_unknown_protocol_rejected(tiny):
 
 def test_default_window_is_model_limit_capped(tiny):
     assert resolve_settings(ScoringSettings(), tiny).window_size == 64
+
+
+def test_documents_reported_before_run_ends(tiny):
+    events = []
+    corpus = corpus_of(*[words(*range(13)) for _ in range(12)])
+    settings = resolve_settings(ScoringSettings(window_size=8), tiny)
+    score_corpus(
+        tiny,
+        corpus,
+        settings,
+        on_document=lambda d: events.append("document"),
+        progress=lambda n: events.append("batch"),
+    )
+    # 12 documents of 2 windows each: the first finished documents are reported
+    # after a few batches, not after all 24.
+    assert events.index("document") < 8
+    assert events.count("document") == 12
