@@ -27,7 +27,7 @@ import torch
 from lmeval import kl
 from lmeval.errors import ConfigError, ScoringError, VocabularyError
 from lmeval.kl import ReferenceChunk, TokenDivergences
-from lmeval.perplexity import DocumentResult, Unit
+from lmeval.perplexity import DocumentResult, Unit, group_units
 from lmeval.scoring import WindowScorer
 from lmeval.windows import Window
 
@@ -533,7 +533,7 @@ def compare_units(
     options = options or ComparisonOptions()
     documents = []
     first_index = 0
-    for group in _groups(units, windows_per_group):
+    for group in group_units(units, windows_per_group):
         windows = [window for unit in group for window in unit.windows]
         parts = iter(
             compare_windows(
@@ -555,18 +555,6 @@ def compare_units(
             if on_document is not None:
                 on_document(document)
     return documents
-
-
-def _groups(units: Sequence[Unit], max_windows: int) -> Iterator[list[Unit]]:
-    group, count = [], 0
-    for unit in units:
-        group.append(unit)
-        count += len(unit.windows)
-        if count >= max_windows:
-            yield group
-            group, count = [], 0
-    if group:
-        yield group
 
 
 def json_safe(value):

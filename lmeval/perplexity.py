@@ -264,7 +264,7 @@ def score_units(
         with_entropy=settings.with_entropy,
     )
     results = []
-    for group in _groups(list(units), WINDOWS_PER_GROUP * settings.batch_size):
+    for group in group_units(list(units), WINDOWS_PER_GROUP * settings.batch_size):
         _score_group(scorer, group, progress)
         for unit in group:
             results.append(unit.result)
@@ -352,7 +352,7 @@ def _pad_token_id(tokenizer) -> int:
     return 0
 
 
-def _groups(units: list[Unit], max_windows: int) -> Iterable[list[Unit]]:
+def group_units(units: Sequence[Unit], max_windows: int) -> Iterable[list[Unit]]:
     """Yield consecutive units holding about ``max_windows`` windows together."""
     group, count = [], 0
     for unit in units:
