@@ -275,7 +275,11 @@ def _batch_size(value: str) -> int | str:
 
 
 def _configure_logging(verbose: bool, quiet: bool) -> None:
-    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    level = logging.INFO
+    if verbose:
+        level = logging.DEBUG
+    elif quiet:
+        level = logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     # Third-party libraries log a lot at INFO; keep them at warnings unless verbose.
     for name in ("transformers", "datasets", "huggingface_hub", "urllib3", "filelock"):

@@ -225,8 +225,11 @@ def test_sampled_estimators_hand_values():
 
 def test_sampled_estimators_zero_probabilities():
     k1, k2, k3 = kl.sampled_kl_estimators(np.array([0.0, -INF, -INF]), np.array([-INF, 0.0, -INF]))
-    assert not np.isnan(k1).any() and not np.isnan(k2).any() and not np.isnan(k3).any()
-    assert k3[0] == INF and k3[1] == INF
+    assert not np.isnan(k1).any()
+    assert not np.isnan(k2).any()
+    assert not np.isnan(k3).any()
+    assert k3[0] == INF
+    assert k3[1] == INF
     assert k1[2] == 0.0
 
 

@@ -33,7 +33,7 @@ def test_rolling_full_windows_use_one_token_context():
 
 def test_rolling_partial_last_window_gets_full_context():
     windows = rolling_windows(list(range(1, 7)), BOS, window_size=4)
-    # Tokens 5 and 6 remain: the window holds the 4 inputs before them.
+    # Tokens 5 and 6 remain: the window contains the 4 inputs before them.
     assert windows[1] == Window([2, 3, 4, 5], [3, 4, 5, 6], 2, 4)
 
 
