@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -22,8 +23,15 @@ from pathlib import Path
 
 from lmeval.errors import ConfigError
 from lmeval.metrics import Z_95
+from lmeval.results import run_differences
+
+logger = logging.getLogger(__name__)
 
 RESULTS_FILE = "results.json"
+#: Parts of results.json that should match for a difference to be the model's alone.
+SETTINGS_COMPARED = ("data", "protocol", "reference")
+#: Protocol values that change how tokens are batched, not which tokens are scored.
+BATCHING_KEYS = ("batch_size", "logits_chunk_size")
 
 
 @dataclass(frozen=True)
@@ -167,6 +175,24 @@ def compare_results(a: dict, b: dict) -> list[ComparisonRow]:
     return [_compare_metric(spec, metrics_a, metrics_b) for spec in metric_specs(a)]
 
 
+def setting_differences(a: dict, b: dict) -> list[str]:
+    """List how two runs differ in data, scoring protocol or reference model.
+
+    Such differences mix with the models' own in every metric, so ``lmeval compare``
+    warns about them. Batch size and logits chunk size are left out: they change
+    rounding only.
+    """
+    settings = []
+    for run in (a, b):
+        chosen = {key: run.get(key) for key in SETTINGS_COMPARED if key in a or key in b}
+        if isinstance(chosen.get("protocol"), dict):
+            chosen["protocol"] = {
+                key: value for key, value in chosen["protocol"].items() if key not in BATCHING_KEYS
+            }
+        settings.append(chosen)
+    return run_differences(*settings, max_listed=5)
+
+
 def _compare_metric(spec: MetricSpec, a: dict, b: dict) -> ComparisonRow:
     value_a, value_b = spec.value(a), spec.value(b)
     difference = None
@@ -282,10 +308,27 @@ def add_compare_command(commands: argparse._SubParsersAction) -> None:
 
 
 def run_compare_command(args: argparse.Namespace) -> int:
-    rows = compare_results(load_results(args.run_a), load_results(args.run_b))
+    a, b = load_results(args.run_a), load_results(args.run_b)
+    rows = compare_results(a, b)
+    differences = setting_differences(a, b)
+    if differences:
+        logger.warning(
+            "the runs differ in more than the model, so the differences below mix both: %s",
+            "; ".join(differences),
+        )
     if args.json:
         print(json.dumps([row.__dict__ for row in rows], indent=2))
-    else:
-        print(format_comparison(rows, "A", "B"))
-        print(f"\nA = {args.run_a}\nB = {args.run_b}")
+        return 0
+    print(format_comparison(rows, "A", "B"))
+    print()
+    for name, path, results in (("A", args.run_a, a), ("B", args.run_b, b)):
+        print(f"{name} = {path} ({_model_label(results.get('model') or {})})")
+    print(
+        "z-test: |B - A| > 1.96 combined standard errors, treating the runs as "
+        "independent (conservative for runs on the same text)"
+    )
     return 0
+
+
+def _model_label(model: dict) -> str:
+    return ", ".join(str(model[key]) for key in ("spec", "dtype") if model.get(key))

@@ -35,6 +35,11 @@ NEG_INF = -math.inf
 TOP_TOKENS = 5
 #: Percentiles reported for per-token KL, by result key.
 KL_PERCENTILES = {"p1": 1, "p10": 10, "median": 50, "p90": 90, "p95": 95, "p99": 99, "p999": 99.9}
+#: Per-token KL histogram: log10 of the first and last bin edges, and bins per decade.
+LOG_HISTOGRAM_DECADES = (-8, 2)
+LOG_HISTOGRAM_BINS_PER_DECADE = 4
+#: Equal bins of the delta p histogram over [-1, 1].
+DELTA_P_BINS = 40
 #: Percentiles reported for Δp, which is signed.
 DELTA_P_PERCENTILES = {
     "p1": 1,
@@ -436,6 +441,7 @@ def _divergence_summary(
     summary = {"mean": mean, "stderr": stderr}
     summary |= _percentiles(values, KL_PERCENTILES)
     summary |= {"min": float(values.min()), "max": float(values.max())}
+    summary["histogram"] = log_histogram(values)
     summary |= {
         "num_clamped": int((raw < 0).sum()),
         "min_before_clamp": min(0.0, float(raw.min())),
@@ -456,7 +462,45 @@ def _delta_p_summary(
     summary |= {"min": float(values.min())}
     summary |= _percentiles(values, DELTA_P_PERCENTILES)
     summary |= {"max": float(values.max())}
+    summary["histogram"] = linear_histogram(values, -1.0, 1.0, DELTA_P_BINS)
     return summary
+
+
+def log_histogram(values: np.ndarray) -> dict:
+    """Count non-negative per-token values in log-spaced bins.
+
+    Bin k holds values in ``[edges[k], edges[k+1])``; ``below`` counts values under the
+    first edge (exact zeros included) and ``above`` those at or over the last edge
+    (infinities included), so the counts add up to ``len(values)``.
+    """
+    edges = np.logspace(
+        LOG_HISTOGRAM_DECADES[0],
+        LOG_HISTOGRAM_DECADES[1],
+        (LOG_HISTOGRAM_DECADES[1] - LOG_HISTOGRAM_DECADES[0]) * LOG_HISTOGRAM_BINS_PER_DECADE + 1,
+    )
+    return _histogram(values, edges)
+
+
+def linear_histogram(values: np.ndarray, low: float, high: float, bins: int) -> dict:
+    """Count values in ``bins`` equal bins over ``[low, high]``; see :func:`log_histogram`."""
+    edges = np.linspace(low, high, bins + 1)
+    histogram = _histogram(values, edges)
+    # The top edge of a closed range belongs to the last bin.
+    at_top = int((values == high).sum())
+    histogram["counts"][-1] += at_top
+    histogram["above"] -= at_top
+    return histogram
+
+
+def _histogram(values: np.ndarray, edges: np.ndarray) -> dict:
+    positions = np.searchsorted(edges, values, side="right")
+    counts = np.bincount(positions, minlength=len(edges) + 1)
+    return {
+        "edges": [float(edge) for edge in edges],
+        "counts": [int(count) for count in counts[1:-1]],
+        "below": int(counts[0]),
+        "above": int(counts[-1]),
+    }
 
 
 def _perplexity_summary(

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullLocator
 
 DPI = 110
 
@@ -35,6 +36,10 @@ def nll_by_position(buckets: Sequence[dict], mean_nll: float) -> bytes:
     axes.axhline(mean_nll, color="gray", linestyle="--", linewidth=1, label="corpus mean NLL")
     if ends[-1] > 64:
         axes.set_xscale("symlog", linthresh=8)
+        # Powers of 4 from 1, labelled as plain numbers, keep the ticks apart.
+        ticks = [0, *(4**k for k in range(int(math.log(ends[-1], 4)) + 1))]
+        axes.set_xticks(ticks, [f"{tick:,}" for tick in ticks])
+        axes.xaxis.set_minor_locator(NullLocator())
     axes.set_xlabel("position in window (tokens of context - 1)")
     axes.set_ylabel("mean NLL (nats/token)")
     axes.grid(alpha=0.3)
@@ -60,6 +65,10 @@ def document_perplexity(perplexities: Sequence[float], corpus_perplexity: float)
     bins = np.geomspace(low, high, min(40, max(5, len(values) // 2)) + 1)
     axes.hist(values, bins=bins, color="tab:blue", alpha=0.8)
     axes.set_xscale("log")
+    # Five plain-number ticks across the range, because a narrow range may hold no decade.
+    ticks = np.geomspace(bins[0], bins[-1], 5)
+    axes.set_xticks(ticks, [f"{tick:.3g}" for tick in ticks])
+    axes.xaxis.set_minor_locator(NullLocator())
     axes.axvline(corpus_perplexity, color="tab:red", linestyle="--", label="corpus perplexity")
     axes.set_xlabel("document perplexity (log scale)")
     axes.set_ylabel("documents")
@@ -138,6 +147,50 @@ def percentile_ladder(summaries: dict[str, dict], names: dict[str, str], title: 
     axes.set_xlabel("percentile of per-token values")
     axes.set_ylabel("nats (log scale)")
     axes.grid(alpha=0.3, which="both")
+    axes.set_title(title)
+    return png_bytes(figure)
+
+
+def kl_histogram(summaries: dict[str, dict], names: dict[str, str], title: str) -> bytes:
+    """Plot stored log-binned histograms of per-token KL as step lines on a log axis.
+
+    Tokens under the first edge (exact zeros included) and at or over the last edge
+    are not drawn; the legend gives their counts.
+    """
+    figure = Figure(figsize=(7.5, 3.6), layout="constrained")
+    axes = figure.subplots()
+    for key, label in names.items():
+        histogram = (summaries.get(key) or {}).get("histogram")
+        if not histogram:
+            continue
+        edges = np.asarray(histogram["edges"])
+        counts = np.asarray(histogram["counts"])
+        axes.stairs(
+            counts,
+            edges,
+            label=f"{label} ({histogram['below']:,} below, {histogram['above']:,} above)",
+        )
+    axes.set_xscale("log")
+    axes.set_yscale("symlog", linthresh=1)
+    axes.set_xlabel("per-token KL (nats, log scale)")
+    axes.set_ylabel("tokens")
+    axes.grid(alpha=0.3, which="both")
+    if axes.get_legend_handles_labels()[0]:
+        axes.legend(fontsize="small")
+    axes.set_title(title)
+    return png_bytes(figure)
+
+
+def signed_histogram(histogram: dict, title: str, xlabel: str) -> bytes:
+    """Plot a stored histogram of a signed per-token value such as delta p."""
+    figure = Figure(figsize=(7.5, 3.4), layout="constrained")
+    axes = figure.subplots()
+    axes.stairs(np.asarray(histogram["counts"]), np.asarray(histogram["edges"]), fill=True)
+    axes.axvline(0, color="black", linewidth=0.8)
+    axes.set_yscale("symlog", linthresh=1)
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel("tokens")
+    axes.grid(alpha=0.3)
     axes.set_title(title)
     return png_bytes(figure)
 

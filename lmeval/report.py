@@ -402,42 +402,57 @@ def kl_sections(run: Run) -> list[Section]:
     sections = [Section("Headline", [kl_headline_table(run.results)])]
     divergence = Section("Per-token KL divergence")
     ladder = {key: m.get(key) for key in ("kl_model_ref", "kl_ref_model")}
+    names = {"kl_model_ref": "KL(model || ref)", "kl_ref_model": "KL(ref || model)"}
+    if all(isinstance(value, dict) and "histogram" in value for value in ladder.values()):
+        divergence.blocks.append(
+            Image(
+                "Histogram of per-token KL",
+                plots.kl_histogram(ladder, names, "Per-token KL (log-spaced bins)"),
+            )
+        )
+    else:
+        divergence.blocks.append(
+            Note(
+                "results.json of this kl run stores no KL histogram (an earlier lmeval "
+                "wrote it); only the percentile ladder is drawn"
+            )
+        )
     if all(isinstance(value, dict) for value in ladder.values()):
         divergence.blocks.append(
             Image(
                 "Percentile ladder of per-token KL",
                 plots.percentile_ladder(
-                    ladder,
-                    {"kl_model_ref": "KL(model || ref)", "kl_ref_model": "KL(ref || model)"},
-                    "Per-token KL: percentile ladder (log scale)",
+                    ladder, names, "Per-token KL: percentile ladder (log scale)"
                 ),
             )
         )
         divergence.blocks.append(_ladder_table(ladder))
-    divergence.blocks.append(
-        Note(
-            "results.json of a kl run stores percentiles, not per-token values, so the "
-            "per-token KL histogram is drawn as its percentile ladder"
-        )
-    )
     sections.append(divergence)
-    if isinstance(m.get("delta_p"), dict):
-        sections.append(
-            Section(
-                "Change in the probability of the true token",
-                [
-                    Text(
-                        "Delta p = p_model(x) - p_ref(x) for the text's next token x; "
-                        f"mean {format_value(m['delta_p'].get('mean'))}, "
-                        f"RMS {format_value(m['delta_p'].get('rms'))}."
-                    ),
-                    Image(
-                        "Delta p percentiles",
-                        plots.signed_ladder(m["delta_p"], "Delta p: percentiles"),
-                    ),
-                ],
-            )
+    delta_p = m.get("delta_p")
+    if isinstance(delta_p, dict):
+        section = Section(
+            "Change in the probability of the true token",
+            [
+                Text(
+                    "Delta p = p_model(x) - p_ref(x) for the text's next token x; "
+                    f"mean {format_value(delta_p.get('mean'))}, "
+                    f"RMS {format_value(delta_p.get('rms'))}."
+                )
+            ],
         )
+        if delta_p.get("histogram"):
+            section.blocks.append(
+                Image(
+                    "Histogram of delta p",
+                    plots.signed_histogram(
+                        delta_p["histogram"], "Delta p: distribution", "p_model(x) - p_ref(x)"
+                    ),
+                )
+            )
+        section.blocks.append(
+            Image("Delta p percentiles", plots.signed_ladder(delta_p, "Delta p: percentiles"))
+        )
+        sections.append(section)
     worst = run.results.get("worst_tokens")
     if worst:
         sections.append(_kl_worst_section(worst, run.results.get("worst_tokens_by")))

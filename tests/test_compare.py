@@ -1,11 +1,18 @@
 """Comparison of two runs: differences and the error-bar tests."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 
 from lmeval.cli import main
-from lmeval.compare import compare_results, intervals_disjoint, z_test_outside
+from lmeval.compare import (
+    compare_results,
+    intervals_disjoint,
+    setting_differences,
+    z_test_outside,
+)
 from lmeval.errors import ConfigError
 
 
@@ -95,3 +102,35 @@ def test_compare_command_prints_table(tmp_path, capsys):
 def test_compare_command_missing_run(tmp_path, capsys):
     assert main(["compare", str(tmp_path), str(tmp_path)]) == 2
     assert "results.json' not found" in capsys.readouterr().err
+
+
+def with_settings(results: dict, window_size: int, batch_size: int = 1) -> dict:
+    protocol = {"name": "rolling", "window_size": window_size, "batch_size": batch_size}
+    return results | {"data": {"task": "wikitext2", "limit": 3}, "protocol": protocol}
+
+
+def test_setting_differences_name_data_and_protocol():
+    a = with_settings(ppl_results(3.0, 0.1), 2048)
+    b = with_settings(ppl_results(3.0, 0.1), 1024) | {"data": {"task": "wikitext2", "limit": 5}}
+    assert setting_differences(a, b) == [
+        "data.limit: 3 -> 5",
+        "protocol.window_size: 2048 -> 1024",
+    ]
+
+
+def test_setting_differences_ignore_batching():
+    a = with_settings(ppl_results(3.0, 0.1), 2048, batch_size=1)
+    b = with_settings(ppl_results(3.1, 0.1), 2048, batch_size=8)
+    assert setting_differences(a, b) == []
+
+
+def test_compare_command_warns_about_other_settings(tmp_path):
+    for name, window_size in (("a", 2048), ("b", 512)):
+        (tmp_path / name).mkdir()
+        text = json.dumps(with_settings(ppl_results(3.0, 0.01), window_size))
+        (tmp_path / name / "results.json").write_text(text)
+    command = [sys.executable, "-m", "lmeval", "compare", str(tmp_path / "a"), str(tmp_path / "b")]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=120, check=True)
+    assert "differ in more than the model" in completed.stderr
+    assert "protocol.window_size: 2048 -> 512" in completed.stderr
+    assert completed.stdout.startswith("metric")

@@ -307,3 +307,37 @@ def test_summarize_labels_direction_and_estimate():
     assert summary["kl_model_ref"]["direction"].startswith("KL(model || reference)")
     assert summary["kl_ref_model"]["direction"].startswith("KL(reference || model)")
     assert summary["kl_ref_model"]["estimate"] == "lower bound"
+
+
+def test_kl_histogram_counts_every_token_once():
+    values = np.array([0.0, 1e-9, 1e-8, 1.5e-8, 0.5, 99.0, 100.0, INF])
+    summary = kl.summarize([divergences(values)], documents_as_units=False, estimate="exact")
+    histogram = summary["kl_model_ref"]["histogram"]
+    edges = histogram["edges"]
+    assert edges[0] == pytest.approx(1e-8)
+    assert edges[-1] == pytest.approx(100.0)
+    assert len(histogram["counts"]) == len(edges) - 1
+    # 0 and 1e-9 lie under the first edge; 100 and inf at or over the last.
+    assert histogram["below"] == 2
+    assert histogram["above"] == 2
+    assert sum(histogram["counts"]) == 4
+    # 1e-8 opens the first bin, whose top is 10 ** -7.75 = 1.78e-8.
+    assert histogram["counts"][0] == 2
+    assert histogram["counts"][edges.index(max(e for e in edges if e <= 0.5))] == 1
+
+
+def test_delta_p_histogram_closes_the_top_edge():
+    values = np.array([-1.0, -0.01, 0.0, 0.3, 1.0])
+    histogram = kl.linear_histogram(values, -1.0, 1.0, 4)
+    assert histogram["edges"] == [-1.0, -0.5, 0.0, 0.5, 1.0]
+    assert histogram["counts"] == [1, 1, 2, 1]
+    assert histogram["below"] == 0
+    assert histogram["above"] == 0
+
+
+def test_summarize_stores_delta_p_histogram():
+    summary = kl.summarize([divergences([0.1, 0.2])], documents_as_units=False, estimate="exact")
+    histogram = summary["delta_p"]["histogram"]
+    # Every token has delta p = 0.5 - 0.25.
+    assert sum(histogram["counts"]) == 2
+    assert histogram["counts"][histogram["edges"].index(0.25)] == 2

@@ -155,10 +155,41 @@ def test_report_of_kl_run(tmp_path):
     page = (tmp_path / "report.html").read_text()
     assert len(IMAGE.findall(page)) == 2  # KL ladder and delta p
     assert "percentile ladder" in page
+    assert "stores no KL histogram" in page
     assert "Tokens where the models disagree most" in page
     assert 'class="target"' in page
     assert '<td class="num" data-key="metrics.top1_agreement">0.9000</td>' in page
     assert 'data-key="metrics.kl_ref_model.mean">inf</td>' in page
+
+
+def test_report_of_real_kl_run(tmp_path):
+    tokenizer = make_tokenizer(WORDS)
+    model = save_model_dir(tmp_path / "a", make_tiny_llama(len(tokenizer), seed=1), tokenizer)
+    reference = save_model_dir(tmp_path / "b", make_tiny_llama(len(tokenizer), seed=2), tokenizer)
+    rng = np.random.default_rng(2)
+    data = tmp_path / "data.txt"
+    data.write_text("\n\n".join(" ".join(rng.choice(WORDS, size=n)) for n in (30, 12, 45)))
+    output = tmp_path / "kl"
+    command = [*LMEVAL, "kl", "--model", str(model), "--reference", str(reference)]
+    command += ["--data", str(data), "--sample-by", "paragraph", "--window-size", "16"]
+    command += ["--output", str(output), "--no-progress", "-q", "--threads", "1"]
+    subprocess.run(command, check=True, capture_output=True, timeout=300)
+    results = json.loads((output / "results.json").read_text())
+    for key in ("kl_model_ref", "kl_ref_model", "delta_p"):
+        histogram = results["metrics"][key]["histogram"]
+        counted = sum(histogram["counts"]) + histogram["below"] + histogram["above"]
+        assert counted == results["metrics"]["num_tokens"]
+
+    subprocess.run([*LMEVAL, "report", str(output)], check=True, capture_output=True, timeout=300)
+    page = (output / "report.html").read_text()
+    assert "Histogram of per-token KL" in page
+    assert "Histogram of delta p" in page
+    images = IMAGE.findall(page)
+    assert len(images) == 4  # KL histogram and ladder, delta p histogram and percentiles
+    for data in images:
+        pixels = matplotlib.image.imread(io.BytesIO(base64.b64decode(data)), format="png")
+        assert pixels.shape[1] >= 400
+        assert pixels.std() > 0.01
 
 
 def test_report_rejects_missing_run(tmp_path, capsys):
