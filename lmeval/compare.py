@@ -31,7 +31,7 @@ RESULTS_FILE = "results.json"
 #: Parts of results.json that should match for a difference to be the model's alone.
 SETTINGS_COMPARED = ("data", "protocol", "reference")
 #: Protocol values that change how tokens are batched, not which tokens are scored.
-BATCHING_KEYS = ("batch_size", "logits_chunk_size")
+BATCHING_KEYS = ("batch_size", "logits_chunk_size", "padding_side")
 
 
 @dataclass(frozen=True)
@@ -180,7 +180,7 @@ def setting_differences(a: dict, b: dict) -> list[str]:
 
     Such differences mix with the models' own in every metric, so ``lmeval compare``
     warns about them. Batch size and logits chunk size are left out: they change
-    rounding only.
+    rounding only, and so are the paths of data files: their sha256 identifies them.
     """
     settings = []
     for run in (a, b):
@@ -189,8 +189,25 @@ def setting_differences(a: dict, b: dict) -> list[str]:
             chosen["protocol"] = {
                 key: value for key, value in chosen["protocol"].items() if key not in BATCHING_KEYS
             }
+        chosen["data"] = _without_file_paths(chosen.get("data"))
         settings.append(chosen)
     return run_differences(*settings, max_listed=5)
+
+
+def _without_file_paths(data):
+    """Return a copy of a data identity without the paths of its local files."""
+    if not isinstance(data, dict) or not isinstance(data.get("source"), dict):
+        return data
+    files = data["source"].get("files")
+    if not isinstance(files, list):
+        return data
+    files = [
+        {key: value for key, value in file.items() if key != "path"}
+        if isinstance(file, dict) and file.get("sha256")
+        else file
+        for file in files
+    ]
+    return data | {"source": data["source"] | {"files": files}}
 
 
 def _compare_metric(spec: MetricSpec, a: dict, b: dict) -> ComparisonRow:

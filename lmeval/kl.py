@@ -469,7 +469,7 @@ def _delta_p_summary(
 def log_histogram(values: np.ndarray) -> dict:
     """Count non-negative per-token values in log-spaced bins.
 
-    Bin k holds values in ``[edges[k], edges[k+1])``; ``below`` counts values under the
+    Bin k contains values in ``[edges[k], edges[k+1])``. ``below`` counts values under the
     first edge (exact zeros included) and ``above`` those at or over the last edge
     (infinities included), so the counts add up to ``len(values)``.
     """

@@ -124,6 +124,15 @@ def test_setting_differences_ignore_batching():
     assert setting_differences(a, b) == []
 
 
+def test_setting_differences_ignore_paths_of_same_file():
+    a, b = (with_settings(ppl_results(3.0, 0.1), 2048) for _ in range(2))
+    for run, path in ((a, "../data/wiki.test.raw"), (b, "/work/data/wiki.test.raw")):
+        run["data"] = {"source": {"files": [{"path": path, "sha256": "bbf9"}]}}
+    assert setting_differences(a, b) == []
+    b["data"]["source"]["files"][0]["sha256"] = "0000"
+    assert setting_differences(a, b) == ['data.source.files.0.sha256: "bbf9" -> "0000"']
+
+
 def test_compare_command_warns_about_other_settings(tmp_path):
     for name, window_size in (("a", 2048), ("b", 512)):
         (tmp_path / name).mkdir()
