@@ -22,7 +22,13 @@ from pathlib import Path
 import numpy as np
 
 from lmeval import plots
-from lmeval.compare import compare_results, format_number, load_results, verdict
+from lmeval.compare import (
+    compare_results,
+    format_number,
+    load_results,
+    setting_differences,
+    verdict,
+)
 from lmeval.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -121,8 +127,9 @@ class Run:
 
     @property
     def label(self) -> str:
-        model = (self.results.get("model") or {}).get("spec")
-        return f"{self.path.name} ({model})" if model else self.path.name
+        model = self.results.get("model") or {}
+        details = ", ".join(str(model[key]) for key in ("spec", "dtype") if model.get(key))
+        return f"{self.path.name} ({details})" if details else self.path.name
 
 
 def load_run(path: str | Path) -> Run:
@@ -599,6 +606,15 @@ def comparison_section(runs: list[Run]) -> Section:
         )
     )
     section.blocks.append(Table(header, rows))
+    for number, run in enumerate(others, start=2):
+        differences = setting_differences(base.results, run.results)
+        if differences:
+            section.blocks.append(
+                Note(
+                    f"runs 1 and {number} differ in more than the model, so their "
+                    f"differences mix both: {'; '.join(differences)}"
+                )
+            )
     return section
 
 

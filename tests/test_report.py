@@ -118,7 +118,21 @@ def test_report_of_two_runs_compares(run_dir, tmp_path, capsys):
     page = output.read_text()
     assert "Comparison" in page
     assert "z-test on mean_nll" in page
+    assert "differ in more than the model" not in page
     assert (tmp_path / "both.md").exists()
+
+
+def test_report_notes_other_settings(run_dir, tmp_path):
+    other = tmp_path / "other"
+    other.mkdir()
+    results = json.loads((run_dir / "results.json").read_text())
+    results["protocol"]["window_size"] = 12
+    (other / "results.json").write_text(json.dumps(results))
+    output = tmp_path / "both.html"
+    assert main(["report", str(run_dir), str(other), "--output", str(output)]) == 0
+    page = output.read_text()
+    assert "runs 1 and 2 differ in more than the model" in page
+    assert "protocol.window_size: 24 -&gt; 12" in page
 
 
 def kl_results() -> dict:
