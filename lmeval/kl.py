@@ -38,8 +38,8 @@ KL_PERCENTILES = {"p1": 1, "p10": 10, "median": 50, "p90": 90, "p95": 95, "p99":
 #: Per-token KL histogram: log10 of the first and last bin edges, and bins per decade.
 LOG_HISTOGRAM_DECADES = (-8, 2)
 LOG_HISTOGRAM_BINS_PER_DECADE = 4
-#: Equal bins of the delta p histogram over [-1, 1].
-DELTA_P_BINS = 40
+#: Delta p histogram: log10 of the smallest and largest bin edge magnitudes.
+DELTA_P_DECADES = (-6, 0)
 #: Percentiles reported for Δp, which is signed.
 DELTA_P_PERCENTILES = {
     "p1": 1,
@@ -462,7 +462,7 @@ def _delta_p_summary(
     summary |= {"min": float(values.min())}
     summary |= _percentiles(values, DELTA_P_PERCENTILES)
     summary |= {"max": float(values.max())}
-    summary["histogram"] = linear_histogram(values, -1.0, 1.0, DELTA_P_BINS)
+    summary["histogram"] = signed_log_histogram(values)
     return summary
 
 
@@ -481,12 +481,18 @@ def log_histogram(values: np.ndarray) -> dict:
     return _histogram(values, edges)
 
 
-def linear_histogram(values: np.ndarray, low: float, high: float, bins: int) -> dict:
-    """Count values in ``bins`` equal bins over ``[low, high]``; see :func:`log_histogram`."""
-    edges = np.linspace(low, high, bins + 1)
+def signed_log_histogram(values: np.ndarray) -> dict:
+    """Count values in [-1, 1] in bins log-spaced in magnitude on either side of zero.
+
+    The edges run from -1 to -1e-6 and from 1e-6 to 1, so the bin in the middle holds
+    values within 1e-6 of zero. 1 itself falls in the last bin; see :func:`log_histogram`.
+    """
+    low, high = DELTA_P_DECADES
+    magnitudes = np.logspace(low, high, (high - low) * LOG_HISTOGRAM_BINS_PER_DECADE + 1)
+    edges = np.concatenate([-magnitudes[::-1], magnitudes])
     histogram = _histogram(values, edges)
-    # The top edge of a closed range belongs to the last bin.
-    at_top = int((values == high).sum())
+    # The top edge of the closed range [-1, 1] belongs to the last bin.
+    at_top = int((values == edges[-1]).sum())
     histogram["counts"][-1] += at_top
     histogram["above"] -= at_top
     return histogram

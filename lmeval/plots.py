@@ -129,18 +129,23 @@ def percentile_ladder(summaries: dict[str, dict], names: dict[str, str], title: 
     figure = Figure(figsize=(7.5, 3.6), layout="constrained")
     axes = figure.subplots()
     drawn = False
+    order = {name: position for position, name in enumerate(_LADDER_ORDER)}
+    used = set()
     for key, label in names.items():
         ladder = _ladder(summaries.get(key) or {})
         positive = [(name, value) for name, value in ladder if value > 0 and math.isfinite(value)]
         if not positive:
             continue
         axes.plot(
-            [name for name, _ in positive],
+            [order[name] for name, _ in positive],
             [value for _, value in positive],
             marker="o",
             label=label,
         )
+        used.update(name for name, _ in positive)
         drawn = True
+    ticks = [name for name in _LADDER_ORDER if name in used]
+    axes.set_xticks([order[name] for name in ticks], ticks)
     if drawn:
         axes.set_yscale("log")
         axes.legend()
@@ -185,8 +190,12 @@ def signed_histogram(histogram: dict, title: str, xlabel: str) -> bytes:
     """Plot a stored histogram of a signed per-token value such as delta p."""
     figure = Figure(figsize=(7.5, 3.4), layout="constrained")
     axes = figure.subplots()
-    axes.stairs(np.asarray(histogram["counts"]), np.asarray(histogram["edges"]), fill=True)
+    edges = np.asarray(histogram["edges"])
+    axes.stairs(np.asarray(histogram["counts"]), edges, fill=True)
     axes.axvline(0, color="black", linewidth=0.8)
+    # Bins are log-spaced in magnitude, so the axis is too, linear near zero.
+    smallest = float(np.abs(edges[edges != 0]).min())
+    axes.set_xscale("symlog", linthresh=smallest)
     axes.set_yscale("symlog", linthresh=1)
     axes.set_xlabel(xlabel)
     axes.set_ylabel("tokens")

@@ -326,11 +326,19 @@ def test_kl_histogram_counts_every_token_once():
     assert histogram["counts"][edges.index(max(e for e in edges if e <= 0.5))] == 1
 
 
-def test_delta_p_histogram_closes_the_top_edge():
-    values = np.array([-1.0, -0.01, 0.0, 0.3, 1.0])
-    histogram = kl.linear_histogram(values, -1.0, 1.0, 4)
-    assert histogram["edges"] == [-1.0, -0.5, 0.0, 0.5, 1.0]
-    assert histogram["counts"] == [1, 1, 2, 1]
+def test_delta_p_histogram_bins_by_magnitude():
+    values = np.array([-1.0, -0.01, 0.0, 1e-7, 0.3, 1.0])
+    histogram = kl.signed_log_histogram(values)
+    edges = histogram["edges"]
+    assert edges[0] == -1.0
+    assert edges[-1] == 1.0
+    middle = edges.index(-1e-6)
+    assert edges[middle + 1] == 1e-6
+    assert histogram["counts"][middle] == 2  # 0 and 1e-7
+    assert histogram["counts"][0] == 1  # -1 opens the first bin
+    assert histogram["counts"][-1] == 1  # 1 closes the last one
+    assert histogram["counts"][edges.index(-0.01)] == 1
+    assert sum(histogram["counts"]) == 6
     assert histogram["below"] == 0
     assert histogram["above"] == 0
 
@@ -338,6 +346,7 @@ def test_delta_p_histogram_closes_the_top_edge():
 def test_summarize_stores_delta_p_histogram():
     summary = kl.summarize([divergences([0.1, 0.2])], documents_as_units=False, estimate="exact")
     histogram = summary["delta_p"]["histogram"]
-    # Every token has delta p = 0.5 - 0.25.
+    # Every token has delta p = 0.5 - 0.25, in the bin from 10 ** -0.75 = 0.178.
     assert sum(histogram["counts"]) == 2
-    assert histogram["counts"][histogram["edges"].index(0.25)] == 2
+    bin_start = max(edge for edge in histogram["edges"] if edge <= 0.25)
+    assert histogram["counts"][histogram["edges"].index(bin_start)] == 2
