@@ -10,6 +10,7 @@ exit status 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -18,7 +19,9 @@ import time
 import traceback
 from collections.abc import Sequence
 
+from lmeval.checkpoints import expand_models, is_pattern
 from lmeval.config import (
+    DEVICE_MAPS,
     DTYPES,
     PADDING_SIDES,
     RunConfig,
@@ -26,6 +29,7 @@ from lmeval.config import (
     load_config_file,
     validate_config,
 )
+from lmeval.distributed import is_main_process
 from lmeval.errors import ConfigError, LmevalError
 from lmeval.windows import PROTOCOLS
 
@@ -37,6 +41,9 @@ examples:
   lmeval ppl --model smollm2-135m --task wikitext2 --data-files wiki.test.raw \\
       --window-size 8192 --output results/smollm2-wikitext2
   lmeval ppl --model path/to/model --data notes.jsonl --text-field body --json
+  lmeval ppl --model 'run/checkpoint-*' --task wikitext2 --data-files wiki.test.raw \\
+      --output results/run-checkpoints
+  torchrun --nproc-per-node 2 -m lmeval ppl --model smollm2-135m --output results/r2
 """
 
 
@@ -68,19 +75,45 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+def add_model_arguments(parser: argparse.ArgumentParser, several: bool = False) -> None:
     group = parser.add_argument_group("model")
-    group.add_argument(
-        "--model",
-        help="built-in name (smollm2-135m, gemma3-270m), local model directory, "
-        "GGUF file or hub id",
-    )
+    if several:
+        group.add_argument(
+            "--model",
+            nargs="+",
+            help="built-in name (smollm2-135m, gemma3-270m), local model directory, GGUF "
+            "file or hub id; several, or a quoted glob such as 'run/checkpoint-*', score "
+            "each checkpoint in order of training step into --output DIR/NAME",
+        )
+    else:
+        group.add_argument(
+            "--model",
+            help="built-in name (smollm2-135m, gemma3-270m), local model directory, "
+            "GGUF file or hub id",
+        )
     group.add_argument(
         "--dtype",
         choices=DTYPES,
         help="weight dtype (default float32)",
     )
-    group.add_argument("--device", help="cpu, cuda, cuda:N or auto (default cpu)")
+    group.add_argument(
+        "--device",
+        help="cpu, cuda, cuda:N or auto (default cpu); under torchrun, cuda means the "
+        "GPU of each rank's LOCAL_RANK",
+    )
+    group.add_argument(
+        "--device-map",
+        choices=DEVICE_MAPS,
+        help="spread the model's layers over the GPUs, then the CPU, with accelerate "
+        "(for a model larger than one device); replaces --device",
+    )
+    group.add_argument(
+        "--max-memory",
+        nargs="+",
+        metavar="DEVICE=SIZE",
+        help="memory --device-map may use per device, e.g. cpu=8GiB 0=20GiB (GPU "
+        "index or cuda:N; sizes in bytes or KB, MB, GB, KiB, MiB, GiB)",
+    )
     group.add_argument("--revision", help="branch, tag or commit of a hub model")
     group.add_argument(
         "--trust-remote-code",
@@ -172,7 +205,7 @@ def add_output_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_ppl_arguments(parser: argparse.ArgumentParser) -> None:
-    add_model_arguments(parser)
+    add_model_arguments(parser, several=True)
     add_data_arguments(parser)
     add_scoring_arguments(parser)
     add_output_arguments(parser)
@@ -193,25 +226,58 @@ def run_ppl(args: argparse.Namespace) -> int:
         raise ConfigError("--save-tokens needs --output DIR, the directory tokens.parquet goes to")
     if not config.progress:
         _disable_library_progress_bars()
+    models = expand_models(config.model)
+    if len(models) > 1 or any(is_pattern(spec) for spec in _as_list(config.model)):
+        from lmeval.checkpoints import format_summary_table, run_checkpoints
+
+        summary = run_checkpoints(
+            dataclasses.replace(config, model=models),
+            progress_bar=config.progress,
+            save_tokens=save_tokens,
+        )
+        if is_main_process():
+            _print_summary(summary, config.json, format_summary_table)
+        return 0
+    config = dataclasses.replace(config, model=models[0])
     from lmeval.run import run_perplexity
 
     results = run_perplexity(config, progress_bar=config.progress, save_tokens=save_tokens)
-    _print_results(results, config.json)
+    if is_main_process():
+        _print_results(results, config.json)
     return 0
+
+
+def _as_list(value: str | list[str]) -> list[str]:
+    return [value] if isinstance(value, str) else list(value)
+
+
+def _print_summary(summary: dict, as_json: bool, format_table) -> None:
+    if as_json:
+        json.dump(summary, sys.stdout, indent=2, allow_nan=False)
+        sys.stdout.write("\n")
+        return
+    print(format_table(summary["rows"]))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _configure_logging(args.verbose, args.quiet)
+    # Under torchrun, ranks other than 0 log only warnings and show no library progress
+    # bars, so that each line appears once.
+    _configure_logging(args.verbose, args.quiet or not is_main_process())
+    if not is_main_process():
+        _disable_library_progress_bars()
     try:
         return args.handler(args)
     except LmevalError as error:
+        if getattr(error, "reported_by_rank_zero", False):
+            return 2
         if args.verbose:
             traceback.print_exc()
         # A message may quote a library's multi-line error, but the command prints one line.
         message = " ".join(str(error).split())
-        print(f"lmeval: error: {message}", file=sys.stderr)
+        rank = "" if is_main_process() else f" (rank {os.environ['RANK']})"
+        print(f"lmeval: error{rank}: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("lmeval: interrupted", file=sys.stderr)

@@ -8,6 +8,7 @@ override the file, and the file overrides the defaults.
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,13 +23,30 @@ from lmeval.windows import PROTOCOLS
 DTYPES = ("float32", "bfloat16", "float16")
 #: Sides on which a batch of windows is padded (``--padding-side``).
 PADDING_SIDES = ("right", "left")
+#: Placement strategies of accelerate for ``--device-map`` (from_pretrained's device_map).
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+#: Units of a ``--max-memory`` size, in bytes. GB and MB are decimal and GiB and MiB binary,
+#: as in accelerate 1.16 (``accelerate.utils.convert_file_size_to_int``).
+MEMORY_UNITS = {
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
+_MEMORY_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([A-Za-z]*)")
+_MEMORY_EXAMPLE = "e.g. --max-memory cpu=8GiB 0=20GiB"
 
 
 @dataclass
 class RunConfig:
     """Every option of ``lmeval ppl``; see ``lmeval ppl --help`` for their meaning."""
 
-    model: str | None = None
+    model: str | list[str] | None = None
     task: str | None = None
     data: str | None = None
     data_files: list[str] | None = None
@@ -45,6 +63,8 @@ class RunConfig:
     padding_side: str = "right"
     dtype: str = "float32"
     device: str = "cpu"
+    device_map: str | None = None
+    max_memory: list[str] | None = None
     revision: str | None = None
     trust_remote_code: bool = False
     cache_dir: str | None = None
@@ -57,7 +77,10 @@ class RunConfig:
 
 
 _TYPES = {
+    # Several models (or a glob) score each checkpoint; see lmeval.checkpoints.
+    "model": list,
     "data_files": list,
+    "max_memory": list,
     "limit": int,
     "window_size": int,
     "stride": int,
@@ -147,8 +170,90 @@ def validate_config(config: RunConfig) -> None:
         )
     if config.resume and not config.output:
         problems.append("--resume needs --output DIR, the directory of the run to continue")
+    problems += placement_problems(config.device, config.device_map, config.max_memory)
     if problems:
         raise ConfigError("; ".join(problems))
+
+
+def placement_problems(
+    device: str | None, device_map: str | None, max_memory: list[str] | None
+) -> list[str]:
+    """Check --device-map and --max-memory, which model and kl configs share."""
+    problems = []
+    if device_map is not None and device_map not in DEVICE_MAPS:
+        problems.append(f"invalid --device-map {device_map!r}; use one of {', '.join(DEVICE_MAPS)}")
+    if device_map is not None and device not in (None, "cpu", "auto"):
+        problems.append(
+            f"--device {device} and --device-map {device_map} both place the model; "
+            "drop --device, since the device map chooses the devices"
+        )
+    if max_memory and device_map is None:
+        problems.append(
+            "--max-memory limits what --device-map puts on each device; add --device-map auto"
+        )
+    if max_memory:
+        try:
+            parse_max_memory(max_memory)
+        except ConfigError as error:
+            problems.append(str(error))
+    return problems
+
+
+def parse_max_memory(entries: list[str] | str) -> dict[int | str, int]:
+    """Parse ``DEVICE=SIZE`` entries into the max_memory mapping of from_pretrained.
+
+    DEVICE is ``cpu``, ``mps``, a CUDA index ``N`` or ``cuda:N``; SIZE is a number of
+    bytes or a number with a unit (KB, MB, GB, TB decimal; KiB, MiB, GiB, TiB binary).
+    Returns sizes in bytes, keyed by ``"cpu"``, ``"mps"`` or the integer CUDA index.
+
+    Raises:
+        ConfigError: on an entry that is not ``DEVICE=SIZE``, an unknown device or
+            unit, or a device given twice.
+    """
+    if isinstance(entries, str):
+        entries = entries.split()
+    limits: dict[int | str, int] = {}
+    for entry in entries:
+        device, separator, size = entry.partition("=")
+        if not separator or not device or not size:
+            raise ConfigError(
+                f"invalid --max-memory entry {entry!r}: use DEVICE=SIZE, {_MEMORY_EXAMPLE}"
+            )
+        key = _memory_device(device.strip(), entry)
+        if key in limits:
+            raise ConfigError(
+                f"--max-memory gives device {device!r} twice; give each device once, "
+                f"{_MEMORY_EXAMPLE}"
+            )
+        limits[key] = _memory_bytes(size.strip(), entry)
+    return limits
+
+
+def _memory_device(device: str, entry: str) -> int | str:
+    name = device.lower()
+    if name in ("cpu", "mps"):
+        return name
+    index = name.removeprefix("cuda:")
+    if index.isdigit():
+        return int(index)
+    raise ConfigError(
+        f"invalid device {device!r} in --max-memory entry {entry!r}: use cpu, mps, a GPU "
+        f"index N or cuda:N, {_MEMORY_EXAMPLE}"
+    )
+
+
+def _memory_bytes(size: str, entry: str) -> int:
+    match = _MEMORY_SIZE.fullmatch(size)
+    unit = match.group(2).upper() if match else ""
+    if match is None or (unit and unit not in MEMORY_UNITS):
+        raise ConfigError(
+            f"invalid size {size!r} in --max-memory entry {entry!r}: use a number of bytes "
+            f"or a number with KB, MB, GB, TB, KiB, MiB, GiB or TiB, {_MEMORY_EXAMPLE}"
+        )
+    value = int(float(match.group(1)) * MEMORY_UNITS[unit or "B"])
+    if value <= 0:
+        raise ConfigError(f"--max-memory entry {entry!r} gives no memory; use a size above 0")
+    return value
 
 
 def _choice_problems(config: RunConfig) -> list[str]:

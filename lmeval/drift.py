@@ -9,6 +9,10 @@ into the output directory:
   or against the order of the checkpoints when a step is unknown;
 - ``checkpoints/NN-NAME/``: each checkpoint's results.json and documents.jsonl;
 - ``reference-cache.safetensors``, unless ``reference_cache`` names another file.
+
+Running the same command again skips every checkpoint whose results.json exists for
+the same configuration, and compares again one that a killed run left unfinished.
+Under torchrun, every checkpoint's comparison is shared by the ranks.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from lmeval.distributed import joined
 from lmeval.errors import ConfigError
 from lmeval.kl_run import KL_CONFIG_TYPES, KLConfig, run_kl
 from lmeval.results import library_versions, now, write_json_atomic
@@ -106,13 +111,18 @@ def run_drift(config: DriftConfig, progress_bar: bool = True) -> dict:
         drift.json. Each row contains the checkpoint, its step and the headline metrics.
 
     Raises:
-        ConfigError: on missing checkpoints or output, an output directory that holds
-            an earlier drift run, or any error of :func:`run_kl`.
+        ConfigError: on missing checkpoints or output, or any error of :func:`run_kl`,
+            such as an output directory that contains a drift run of other options.
     """
     _check_drift_config(config)
+    with joined(None, config.device, config.device_map) as group:
+        return _run_drift(config, progress_bar, group)
+
+
+def _run_drift(config: DriftConfig, progress_bar: bool, group) -> dict:
     output = Path(config.output)
     checkpoints = order_checkpoints(config.checkpoints)
-    cache = _prepare_reference_cache(config, output, progress_bar)
+    cache = _prepare_reference_cache(config, output, progress_bar, group)
 
     rows = []
     for index, checkpoint in enumerate(checkpoints):
@@ -127,7 +137,7 @@ def run_drift(config: DriftConfig, progress_bar: bool = True) -> dict:
             cache_dtype=None,
             cache_top_k=None,
         )
-        results = run_kl(run_config, progress_bar)
+        results = run_kl(run_config, progress_bar, group=group, skip_finished=True)
         rows.append(drift_row(checkpoint, index, results))
 
     x_axis = "step" if all(row["step"] is not None for row in rows) else "order"
@@ -138,9 +148,6 @@ def run_drift(config: DriftConfig, progress_bar: bool = True) -> dict:
         "plot": str(output / "drift.png"),
         "reference_cache": str(cache),
     }
-    (output / "drift.md").write_text(format_markdown_table(rows) + "\n", encoding="utf-8")
-    write_csv(rows, output / "drift.csv")
-    plot_drift(rows, output / "drift.png", x_axis)
     summary = {
         "command": "drift",
         "created": now(),
@@ -150,7 +157,11 @@ def run_drift(config: DriftConfig, progress_bar: bool = True) -> dict:
         "files": files,
         "versions": library_versions(),
     }
-    write_json_atomic(output / "drift.json", summary)
+    if group.is_main:
+        (output / "drift.md").write_text(format_markdown_table(rows) + "\n", encoding="utf-8")
+        write_csv(rows, output / "drift.csv")
+        plot_drift(rows, output / "drift.png", x_axis)
+        write_json_atomic(output / "drift.json", summary)
     return summary
 
 
@@ -165,12 +176,6 @@ def _check_drift_config(config: DriftConfig) -> None:
         )
     if not config.output:
         raise ConfigError("drift writes files; pass --output DIR")
-    output = Path(config.output)
-    if (output / "drift.json").exists() or (output / "checkpoints").exists():
-        raise ConfigError(
-            f"--output {config.output!r} already contains a drift run; choose another "
-            "directory or delete this one"
-        )
 
 
 def _kl_config(config: DriftConfig) -> KLConfig:
@@ -178,10 +183,11 @@ def _kl_config(config: DriftConfig) -> KLConfig:
     return KLConfig(**{name: getattr(config, name) for name in names})
 
 
-def _prepare_reference_cache(config: DriftConfig, output: Path, progress_bar: bool) -> Path:
+def _prepare_reference_cache(config: DriftConfig, output: Path, progress_bar: bool, group) -> Path:
     """Return the reference cache to use, writing it first when it does not exist."""
     cache = Path(config.reference_cache) if config.reference_cache else output / CACHE_FILE
-    if cache.exists():
+    # Rank 0 decides, so that every rank takes the same path through the collectives.
+    if group.broadcast(cache.exists()):
         logger.info("reusing reference cache %s", cache)
         given = [config.cache_format, config.cache_dtype, config.cache_top_k]
         if any(value is not None for value in given):
@@ -207,6 +213,7 @@ def _prepare_reference_cache(config: DriftConfig, output: Path, progress_bar: bo
             json=False,
         ),
         progress_bar,
+        group=group,
     )
     return cache
 

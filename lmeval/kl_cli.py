@@ -17,6 +17,7 @@ from lmeval.cli import (
     add_output_arguments,
     add_scoring_arguments,
 )
+from lmeval.distributed import is_main_process
 from lmeval.errors import ConfigError
 
 KL_EXAMPLE = """\
@@ -71,7 +72,8 @@ def add_kl_commands(commands: argparse._SubParsersAction) -> None:
         "cache, and write a table (drift.md, drift.csv, drift.json) and a plot "
         "(drift.png) of mean KL and perplexity against training step. The step comes "
         "from a checkpoint's trainer_state.json or a name like checkpoint-500; without "
-        "it, checkpoints are plotted in the order given.",
+        "it, checkpoints are plotted in the order given. Running the same command again "
+        "skips every checkpoint whose results exist for the same options.",
         epilog=DRIFT_EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -151,6 +153,8 @@ def run_kl_command(args: argparse.Namespace) -> int:
 
     config = _config_from_args(args, KLConfig, KL_CONFIG_TYPES)
     results = run_kl(config, progress_bar=config.progress)
+    if not is_main_process():
+        return 0
     if config.json:
         _print_json(results)
     else:
@@ -170,6 +174,8 @@ def run_drift_command(args: argparse.Namespace) -> int:
         )
     config = _config_from_args(args, DriftConfig, DRIFT_CONFIG_TYPES)
     results = run_drift(config, progress_bar=config.progress)
+    if not is_main_process():
+        return 0
     if config.json:
         _print_json(results)
     else:

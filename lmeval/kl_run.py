@@ -14,21 +14,30 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
-from lmeval.config import DTYPES, PADDING_SIDES
+from lmeval.config import DTYPES, PADDING_SIDES, parse_max_memory, placement_problems
 from lmeval.data import Corpus, load_corpus
+from lmeval.distributed import (
+    ProcessGroup,
+    SingleProcess,
+    joined,
+    shard_groups,
+    shared_progress,
+    threads_per_rank,
+)
 from lmeval.errors import ConfigError, ScoringError
 from lmeval.kl import DIRECTIONS, summarize
 from lmeval.kl_scoring import (
     ComparisonOptions,
     DocumentComparison,
+    DroppedMass,
     LiveReference,
     SharedVocabulary,
     WorstTokens,
     check_vocabularies,
-    compare_units,
+    compare_groups,
     default_kl_chunk_size,
+    indexed_groups,
     json_safe,
     run_reference,
     token_list,
@@ -42,10 +51,22 @@ from lmeval.perplexity import (
     resolve_settings,
 )
 from lmeval.reference_cache import CacheOptions, CacheWriter, ReferenceCache
-from lmeval.results import CONFIG_FILE, OutputDirectory, environment, library_versions, now
+from lmeval.results import (
+    CONFIG_FILE,
+    RESULTS_FILE,
+    OutputDirectory,
+    RankRows,
+    environment,
+    fingerprint,
+    finished_results,
+    library_versions,
+    now,
+    remove_unfinished,
+    stored_fingerprint,
+)
 from lmeval.run import protocol_record, set_threads
 from lmeval.scoring import WindowScorer
-from lmeval.windows import PROTOCOLS
+from lmeval.windows import PROTOCOLS, Window
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +123,8 @@ class KLConfig:
     dtype: str = "float32"
     reference_dtype: str | None = None
     device: str = "cpu"
+    device_map: str | None = None
+    max_memory: list[str] | None = None
     revision: str | None = None
     reference_revision: str | None = None
     trust_remote_code: bool = False
@@ -122,6 +145,7 @@ class KLConfig:
 #: Types of the KLConfig keys of a config file whose values are not strings.
 KL_CONFIG_TYPES = {
     "data_files": list,
+    "max_memory": list,
     "limit": int,
     "window_size": int,
     "stride": int,
@@ -162,6 +186,7 @@ def check_kl_config(config: KLConfig) -> None:
         ConfigError: one line listing every missing, conflicting or invalid option.
     """
     problems = _source_problems(config) + _choice_problems(config) + _range_problems(config)
+    problems += placement_problems(config.device, config.device_map, config.max_memory)
     if problems:
         raise ConfigError("; ".join(problems))
 
@@ -251,8 +276,26 @@ def cache_options_of(config: KLConfig) -> CacheOptions:
     )
 
 
-def run_kl(config: KLConfig, progress_bar: bool = True) -> dict:
+def run_kl(
+    config: KLConfig,
+    progress_bar: bool = True,
+    *,
+    group: SingleProcess | ProcessGroup | None = None,
+    skip_finished: bool = False,
+) -> dict:
     """Compare ``config.model`` with its reference on the configured corpus.
+
+    Under torchrun or accelerate launch, each rank compares a share of the documents
+    (or writes its share of the reference cache) and rank 0 alone writes the results.
+
+    Args:
+        config: the options.
+        progress_bar: show the progress bar when ``config.progress`` is true too.
+        group: the ranks to share the work with; None joins those of the launch for
+            this call (see :func:`lmeval.distributed.start`).
+        skip_finished: when ``config.output`` contains the finished results of the same
+            configuration, return them (with ``reused_from`` added) without
+            comparing; an unfinished run there is deleted and compared again.
 
     Returns:
         The results.json object; without ``config.model``, a description of the
@@ -264,9 +307,19 @@ def run_kl(config: KLConfig, progress_bar: bool = True) -> dict:
         ModelError, DataError: when a model or the data cannot be loaded.
         ScoringError: when nothing was scored or a model returned NaN.
     """
-    started = time.perf_counter()
     check_kl_config(config)
-    set_threads(config.threads)
+    with joined(group, config.device, config.device_map) as group:
+        return _run_kl(config, progress_bar, group, skip_finished)
+
+
+def _run_kl(
+    config: KLConfig,
+    progress_bar: bool,
+    group: SingleProcess | ProcessGroup,
+    skip_finished: bool,
+) -> dict:
+    started = time.perf_counter()
+    set_threads(threads_per_rank(config.threads, group.local_world_size))
     cache = ReferenceCache.open(config.reference_cache) if config.reference_cache else None
     if cache is not None:
         cache.check_reference(config.reference, config.reference_dtype)
@@ -274,7 +327,7 @@ def run_kl(config: KLConfig, progress_bar: bool = True) -> dict:
     corpus = _load_corpus(config, protocol_name)
 
     load_started = time.perf_counter()
-    sides = _load_sides(config, cache)
+    sides = _load_sides(config, cache, group.device)
     load_seconds = time.perf_counter() - load_started
 
     settings = _resolve_settings(config, sides, cache, protocol_name)
@@ -284,12 +337,48 @@ def run_kl(config: KLConfig, progress_bar: bool = True) -> dict:
     if cache is not None:
         cache.check_matches(corpus.identity, protocol, windows)
     timing = {"started": started, "load_seconds": load_seconds}
+    shards = _Shards(units, settings, group)
     if sides.model is None:
         show_progress = config.progress and progress_bar
         return _write_reference_only(
-            config, sides, settings, corpus, units, protocol, timing, show_progress
+            config, sides, settings, corpus, shards, protocol, timing, show_progress
         )
-    return _compare(config, sides, cache, settings, corpus, units, protocol, timing, progress_bar)
+    show_progress = config.progress and progress_bar
+    return _compare(
+        config,
+        sides,
+        cache,
+        settings,
+        corpus,
+        shards,
+        protocol,
+        timing,
+        show_progress,
+        skip_finished,
+    )
+
+
+class _Shards:
+    """The units of a run in scoring groups, and the groups of this rank.
+
+    Attributes:
+        units: every unit of the run, in order.
+        groups: every group, each with the index of its first window (see
+            :func:`lmeval.kl_scoring.indexed_groups`).
+        mine: this rank's groups (see :func:`lmeval.distributed.shard_groups`).
+    """
+
+    def __init__(self, units: list[Unit], settings: ScoringSettings, group) -> None:
+        self.units = units
+        self.group = group
+        self.groups = indexed_groups(units, WINDOWS_PER_GROUP * settings.batch_size)
+        costs = [sum(unit.num_scored for unit in units) for _first, units in self.groups]
+        shards = shard_groups(costs, group.world_size)
+        self.mine = [self.groups[index] for index in shards[group.rank]]
+
+    @property
+    def windows(self) -> list[Window]:
+        return [window for unit in self.units for window in unit.windows]
 
 
 def _load_corpus(config: KLConfig, protocol_name: str) -> Corpus:
@@ -306,11 +395,13 @@ def _load_corpus(config: KLConfig, protocol_name: str) -> Corpus:
     )
 
 
-def _load_sides(config: KLConfig, cache: ReferenceCache | None) -> _Sides:
+def _load_sides(config: KLConfig, cache: ReferenceCache | None, device: str) -> _Sides:
     common = {
-        "device": config.device,
+        "device": device,
         "trust_remote_code": config.trust_remote_code,
         "cache_dir": config.cache_dir,
+        "device_map": config.device_map,
+        "max_memory": parse_max_memory(config.max_memory) if config.max_memory else None,
     }
     reference = None
     if cache is None:
@@ -412,7 +503,28 @@ def _pad_token_id(tokenizer) -> int:
 
 
 def _cache_writer(
-    config: KLConfig, sides: _Sides, corpus: Corpus, protocol: dict, units: list[Unit]
+    config: KLConfig, sides: _Sides, corpus: Corpus, protocol: dict, shards: _Shards
+) -> CacheWriter:
+    """Create the reference cache on rank 0; every other rank writes into the same file."""
+    created: list[CacheWriter] = []
+
+    def create() -> str:
+        created.append(_new_cache_writer(config, sides, corpus, protocol, shards.units))
+        return str(created[0].partial_path)
+
+    partial = shards.group.run_on_main(create)
+    if created:
+        return created[0]
+    return _new_cache_writer(config, sides, corpus, protocol, shards.units, partial)
+
+
+def _new_cache_writer(
+    config: KLConfig,
+    sides: _Sides,
+    corpus: Corpus,
+    protocol: dict,
+    units: list[Unit],
+    partial: str | None = None,
 ) -> CacheWriter:
     metadata = {
         "reference": sides.reference_identity,
@@ -429,6 +541,7 @@ def _cache_writer(
         windows,
         sides.vocabulary.size,
         metadata,
+        partial=partial,
     )
 
 
@@ -437,22 +550,33 @@ def _write_reference_only(
     sides: _Sides,
     settings: ScoringSettings,
     corpus: Corpus,
-    units: list[Unit],
+    shards: _Shards,
     protocol: dict,
     timing: dict,
     show_progress: bool,
 ) -> dict:
-    windows = [window for unit in units for window in unit.windows]
+    windows = shards.windows
+    group = shards.group
     pad = _pad_token_id(sides.reference.tokenizer)
     scorer = _scorer(sides.reference, settings, pad)
-    writer = _cache_writer(config, sides, corpus, protocol, units)
+    writer = _cache_writer(config, sides, corpus, protocol, shards)
     reference = LiveReference(scorer, sides.vocabulary.size, recorder=writer)
     scoring_started = time.perf_counter()
     total = sum(window.num_scored for window in windows)
     try:
-        with _progress_bar(total, show_progress, "reference") as bar:
-            run_reference(scorer, reference, windows, bar.update)
-        record = writer.finish()
+        with shared_progress(group, total, show_progress, "reference") as progress:
+            if group.world_size == 1:
+                run_reference(scorer, reference, windows, progress)
+            else:
+                # NOTE: ranks batch within scoring groups, as a comparison does, but one
+                # process batches all windows together. With --batch-size above 1, the
+                # stored values can then differ from one process's by float rounding.
+                for first_index, units in shards.mine:
+                    part = [window for unit in units for window in unit.windows]
+                    run_reference(scorer, reference, part, progress, first_index)
+            writer.flush()
+            group.barrier()
+        record = group.run_on_main(writer.finish)
     except BaseException:
         writer.abort()
         raise
@@ -478,22 +602,14 @@ def _compare(
     cache: ReferenceCache | None,
     settings: ScoringSettings,
     corpus: Corpus,
-    units: list[Unit],
+    shards: _Shards,
     protocol: dict,
     timing: dict,
-    progress_bar: bool,
+    show_progress: bool,
+    skip_finished: bool,
 ) -> dict:
-    windows = [window for unit in units for window in unit.windows]
-    pad = _pad_token_id(sides.tokenizing.tokenizer)
-    model_scorer = _scorer(sides.model, settings, pad)
-    writer = (
-        _cache_writer(config, sides, corpus, protocol, units) if config.save_reference else None
-    )
-    if cache is not None:
-        reference = cache.reader(windows, settings.chunk_size)
-    else:
-        reference_scorer = _scorer(sides.reference, settings, pad)
-        reference = LiveReference(reference_scorer, sides.vocabulary.size, recorder=writer)
+    windows = shards.windows
+    group = shards.group
     estimate = cache.estimate if cache is not None else "exact"
     run = {
         "command": "kl",
@@ -503,36 +619,168 @@ def _compare(
         "protocol": protocol,
         "reference_cache": None if cache is None else cache.record()["windows_sha256"],
     }
-    output = None
-    if config.output:
-        _check_output_is_new(Path(config.output))
-        output = OutputDirectory(config.output, run, resume=False)
+    outputs = _KLOutputs(config, run, group)
+    stored = group.run_on_main(lambda: outputs.prepare(skip_finished))
+    if stored is not None:
+        logger.info(
+            "skipping %s: %s contains finished results of the same configuration",
+            config.model,
+            config.output,
+        )
+        return stored | {"reused_from": str(Path(config.output) / RESULTS_FILE)}
+
+    pad = _pad_token_id(sides.tokenizing.tokenizer)
+    model_scorer = _scorer(sides.model, settings, pad)
+    writer = (
+        _cache_writer(config, sides, corpus, protocol, shards) if config.save_reference else None
+    )
+    if cache is not None:
+        reference = cache.reader(windows, settings.chunk_size)
+    else:
+        reference_scorer = _scorer(sides.reference, settings, pad)
+        reference = LiveReference(reference_scorer, sides.vocabulary.size, recorder=writer)
+    rows = outputs.rows_file()
     options = ComparisonOptions(worst=WorstTokens(config.worst_tokens))
 
     scoring_started = time.perf_counter()
     total = sum(window.num_scored for window in windows)
     try:
-        with _progress_bar(total, config.progress and progress_bar, "comparing") as bar:
-            options.progress = bar.update
-            documents = compare_units(
+        with shared_progress(group, total, show_progress, "comparing") as progress:
+            options.progress = progress
+            documents = compare_groups(
                 model_scorer,
                 reference,
-                units,
+                shards.mine,
                 sides.vocabulary.size,
                 options=options,
-                windows_per_group=WINDOWS_PER_GROUP * settings.batch_size,
-                on_document=(lambda d: output.append(d.row(estimate))) if output else None,
+                on_document=(lambda d: rows.append(d.row(estimate))) if rows else None,
             )
-        cache_record = writer.finish() if writer is not None else None
+            if rows is not None and not group.is_main:
+                rows.close()
+            if writer is not None:
+                writer.flush()
+            gathered = group.gather(_RankComparison.of(documents, options, reference))
+        cache_record = group.run_on_main(writer.finish) if writer is not None else None
     except BaseException:
         if writer is not None:
             writer.abort()
-        if output is not None:
-            output.close()
+        if outputs.directory is not None:
+            outputs.directory.close()
         raise
     if cache is not None:
         cache_record = cache.record()
 
+    def finish() -> dict:
+        every = _merge_ranks(gathered, options, reference)
+        if group.world_size > 1 and outputs.directory is not None:
+            outputs.directory.merge_rows([d.row(estimate) for d in every])
+        return _compare_results(
+            config,
+            sides,
+            settings,
+            corpus,
+            shards.units,
+            protocol,
+            timing,
+            every,
+            options,
+            reference,
+            estimate,
+            cache_record,
+            outputs.directory,
+            scoring_started,
+            total,
+            group.world_size,
+        )
+
+    return group.run_on_main(finish)
+
+
+@dataclass
+class _RankComparison:
+    """One rank's part of a comparison, sent to rank 0: documents and tracker state."""
+
+    documents: list[DocumentComparison]
+    worst: list
+    model_dropped: DroppedMass
+    reference_dropped: DroppedMass | None
+
+    @classmethod
+    def of(cls, documents, options: ComparisonOptions, reference) -> _RankComparison:
+        live = isinstance(reference, LiveReference)
+        return cls(
+            documents,
+            options.worst.kept(),
+            options.dropped,
+            reference.dropped if live else None,
+        )
+
+
+def _merge_ranks(
+    gathered: list[_RankComparison], options: ComparisonOptions, reference
+) -> list[DocumentComparison]:
+    """Merge the other ranks' trackers into rank 0's; return every document in order."""
+    for part in gathered[1:]:
+        options.worst.merge(part.worst)
+        options.dropped.merge(part.model_dropped)
+        if part.reference_dropped is not None:
+            reference.dropped.merge(part.reference_dropped)
+    documents = [document for part in gathered for document in part.documents]
+    return sorted(documents, key=lambda document: document.result.index)
+
+
+class _KLOutputs:
+    """The output directory of a kl run, on rank 0, and the rows file of each rank."""
+
+    def __init__(self, config: KLConfig, run: dict, group: SingleProcess | ProcessGroup):
+        self.config = config
+        self.run = run
+        self.group = group
+        self.directory: OutputDirectory | None = None
+
+    def prepare(self, skip_finished: bool) -> dict | None:
+        """Open the output directory (rank 0 only); return finished results to reuse."""
+        if not self.config.output:
+            return None
+        path = Path(self.config.output)
+        if skip_finished:
+            stored = finished_results(path, self.run)
+            if stored is not None:
+                return stored
+            if stored_fingerprint(path) == fingerprint(self.run):
+                logger.info("comparing again: %s contains an unfinished run of this model", path)
+                remove_unfinished(path)
+        _check_output_is_new(path)
+        self.directory = OutputDirectory(self.config.output, self.run, resume=False)
+        return None
+
+    def rows_file(self) -> OutputDirectory | RankRows | None:
+        if not self.config.output:
+            return None
+        if self.group.is_main:
+            return self.directory
+        return RankRows(self.config.output, self.group.rank)
+
+
+def _compare_results(
+    config: KLConfig,
+    sides: _Sides,
+    settings: ScoringSettings,
+    corpus: Corpus,
+    units: list[Unit],
+    protocol: dict,
+    timing: dict,
+    documents: list[DocumentComparison],
+    options: ComparisonOptions,
+    reference,
+    estimate: str,
+    cache_record: dict | None,
+    output: OutputDirectory | None,
+    scoring_started: float,
+    total: int,
+    world_size: int,
+) -> dict:
+    """Build (on rank 0) the results object of a comparison and write it."""
     results = {
         "lmeval_version": library_versions()["lmeval"],
         "command": "kl",
@@ -558,7 +806,7 @@ def _compare(
         ],
         "config": dataclasses.asdict(config),
         "versions": library_versions(),
-        "environment": environment(),
+        "environment": environment() | {"world_size": world_size},
         "timing": _timing(timing, scoring_started, total),
     }
     results = json_safe(results)
@@ -610,10 +858,6 @@ def _check_output_is_new(path: Path) -> None:
             f"--output {str(path)!r} already holds the results of a run; choose another "
             "--output directory or delete this one"
         )
-
-
-def _progress_bar(total: int, enabled: bool, description: str) -> tqdm:
-    return tqdm(total=total, unit="tok", unit_scale=True, disable=not enabled, desc=description)
 
 
 def _timing(timing: dict, scoring_started: float, total: int) -> dict:

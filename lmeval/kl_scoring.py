@@ -176,6 +176,12 @@ class DroppedMass:
             return None
         return {"mean": self.total / self.count, "max": self.maximum}
 
+    def merge(self, other: DroppedMass) -> None:
+        """Add the positions counted by ``other`` (another rank's)."""
+        self.total += other.total
+        self.maximum = max(self.maximum, other.maximum)
+        self.count += other.count
+
 
 # The reference side ----------------------------------------------------------------
 
@@ -252,11 +258,15 @@ def run_reference(
     reference: ReferenceSide,
     windows: Sequence[Window],
     progress: Callable[[int], None] | None = None,
+    first_index: int = 0,
 ) -> None:
-    """Run only the reference over ``windows`` (to fill a reference cache)."""
+    """Run only the reference over ``windows`` (to fill a reference cache).
+
+    ``first_index`` is the index of ``windows[0]`` in the run's list of windows.
+    """
     for batch_indices in scorer.batches(windows):
         batch = [windows[i] for i in batch_indices]
-        for _chunk in reference.chunks(batch_indices, batch):
+        for _chunk in reference.chunks([first_index + i for i in batch_indices], batch):
             pass
         if progress is not None:
             progress(sum(window.num_scored for window in batch))
@@ -284,7 +294,9 @@ class WorstTokens:
     """Keep the ``capacity`` scored tokens with the largest positive divergence ``key``.
 
     Memory stays at ``capacity`` records whatever the corpus size: each chunk offers
-    only its own largest values.
+    only its own largest values. Among equal values the earlier token (lower document,
+    then position) ranks higher, so the kept set does not depend on the order in which
+    tokens are offered, and ranks of a sharded run merge to the single-process set.
     """
 
     def __init__(self, capacity: int, key: str = "kl_ref_model") -> None:
@@ -292,8 +304,8 @@ class WorstTokens:
             raise ValueError(f"key must be one of {', '.join(kl.DIRECTIONS)}, got {key!r}")
         self.capacity = capacity
         self.key = key
-        self._heap: list[tuple[float, int, WorstToken]] = []
-        self._counter = itertools.count()
+        # Min-heap on (value, -document, -position): the root is the weakest kept token.
+        self._heap: list[tuple[float, int, int, WorstToken]] = []
 
     def offer(
         self,
@@ -307,19 +319,23 @@ class WorstTokens:
         if self.capacity == 0:
             return
         values = getattr(part, self.key)
-        # Tokens with a divergence of 0 (or rounded below it) are never listed.
-        threshold = self._heap[0][0] if len(self._heap) == self.capacity else 0.0
-        candidates = np.flatnonzero(values > threshold)
+        # Tokens with a divergence of 0 (or rounded below it) are never listed. A value
+        # equal to the weakest kept one may still win on the tie-break, so it stays.
+        candidates = np.flatnonzero(values > 0.0)
+        if len(self._heap) == self.capacity:
+            candidates = candidates[values[candidates] >= self._heap[0][0]]
         if len(candidates) > self.capacity:
-            largest = np.argpartition(-values[candidates], self.capacity - 1)[: self.capacity]
-            candidates = candidates[largest]
+            cut = np.partition(values[candidates], -self.capacity)[-self.capacity]
+            candidates = candidates[values[candidates] >= cut]
         for index in candidates:
-            record = self._record(part, int(index), begin, batch, model_logprobs, reference)
-            item = (record.value, next(self._counter), record)
-            if len(self._heap) < self.capacity:
-                heapq.heappush(self._heap, item)
-            elif item[0] > self._heap[0][0]:
-                heapq.heapreplace(self._heap, item)
+            self._push(self._record(part, int(index), begin, batch, model_logprobs, reference))
+
+    def _push(self, record: WorstToken) -> None:
+        item = (record.value, -record.document, -record.position, record)
+        if len(self._heap) < self.capacity:
+            heapq.heappush(self._heap, item)
+        elif item[:3] > self._heap[0][:3]:
+            heapq.heapreplace(self._heap, item)
 
     def _record(self, part, index, begin, batch, model_logprobs, reference) -> WorstToken:
         window, offset = _window_at(batch, begin + index)
@@ -346,10 +362,19 @@ class WorstTokens:
             ],
         )
 
+    def kept(self) -> list[WorstToken]:
+        """Return the kept tokens, in no particular order."""
+        return [item[-1] for item in self._heap]
+
+    def merge(self, records: Sequence[WorstToken]) -> None:
+        """Keep the largest of ``records`` (another rank's :meth:`kept`) too."""
+        for record in records:
+            self._push(record)
+
     def records(self, tokenizer, documents: Sequence[DocumentResult]) -> list[dict]:
         """Return the kept tokens, largest first, with their text decoded for results.json."""
         by_index = {document.index: document for document in documents}
-        worst = sorted((item[2] for item in self._heap), key=lambda r: -r.value)
+        worst = sorted(self.kept(), key=lambda r: (-r.value, r.document, r.position))
         return [_worst_record(record, tokenizer, by_index.get(record.document)) for record in worst]
 
 
@@ -530,10 +555,41 @@ def compare_units(
     document, because the run's percentiles are computed over all of them. Memory for
     logits is bounded by the chunk size, but this part grows with the corpus.
     """
-    options = options or ComparisonOptions()
-    documents = []
+    return compare_groups(
+        model_scorer,
+        reference,
+        indexed_groups(units, windows_per_group),
+        vocabulary_size,
+        options=options,
+        on_document=on_document,
+    )
+
+
+def indexed_groups(units: Sequence[Unit], windows_per_group: int) -> list[tuple[int, list[Unit]]]:
+    """Group units as :func:`lmeval.perplexity.group_units` does, each group with the
+    index of its first window in the run's list of windows."""
+    groups = []
     first_index = 0
     for group in group_units(units, windows_per_group):
+        groups.append((first_index, group))
+        first_index += sum(len(unit.windows) for unit in group)
+    return groups
+
+
+def compare_groups(
+    model_scorer: WindowScorer,
+    reference: ReferenceSide,
+    groups: Sequence[tuple[int, list[Unit]]],
+    vocabulary_size: int,
+    *,
+    options: ComparisonOptions | None = None,
+    on_document: Callable[[DocumentComparison], None] | None = None,
+) -> list[DocumentComparison]:
+    """Compare groups from :func:`indexed_groups`, each in its own batches; see
+    :func:`compare_units`. A rank of a sharded run compares a subset of the groups."""
+    options = options or ComparisonOptions()
+    documents = []
+    for first_index, group in groups:
         windows = [window for unit in group for window in unit.windows]
         parts = iter(
             compare_windows(
@@ -545,7 +601,6 @@ def compare_units(
                 options=options,
             )
         )
-        first_index += len(windows)
         for unit in group:
             divergences = None
             if unit.result.skipped is None:

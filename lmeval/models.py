@@ -180,30 +180,39 @@ def load_model(
     revision: str | None = None,
     trust_remote_code: bool = False,
     cache_dir: str | Path | None = None,
+    device_map: str | None = None,
+    max_memory: dict[int | str, int] | None = None,
 ) -> LoadedModel:
     """Load the causal language model and tokenizer that ``spec`` names.
 
     Args:
         spec: a built-in name, a model directory, a GGUF file or a hub id.
         dtype: dtype of the loaded weights (see `resolve_dtype`).
-        device: where to put the model (see `resolve_device`).
+        device: where to put the model (see `resolve_device`); ignored with
+            ``device_map``.
         revision: hub branch, tag or commit; used only for hub ids.
         trust_remote_code: allow model code from the model directory or hub repo.
         cache_dir: where converted GGUF files are kept (see `resolve_cache_dir`).
+        device_map: an accelerate strategy ("auto", "balanced", ...) that spreads
+            the layers over the GPUs, then the CPU, then disk.
+        max_memory: bytes the device map may use per device, keyed by "cpu" or a
+            CUDA index (see :func:`lmeval.config.parse_max_memory`).
 
     Raises:
-        ConfigError: invalid ``dtype`` or ``device``.
+        ConfigError: invalid ``dtype``, ``device`` or ``max_memory`` device.
         ModelError: the model cannot be found, reached or loaded.
     """
     torch_dtype = resolve_dtype(dtype)
-    torch_device = resolve_device(device)
+    torch_device = None if device_map else resolve_device(device)
+    placement = _placement(device_map, max_memory)
     cache_root = resolve_cache_dir(cache_dir)
     started = time.perf_counter()
 
     model, tokenizer, source = _load_from_spec(
-        spec, torch_dtype, revision, trust_remote_code, cache_root
+        spec, torch_dtype, revision, trust_remote_code, cache_root, placement
     )
-    model = model.to(torch_device)
+    if torch_device is not None:
+        model = model.to(torch_device)
     model.eval()
     model.requires_grad_(False)
 
@@ -220,12 +229,46 @@ def load_model(
     return LoadedModel(model, tokenizer, identity, identity["max_positions"])
 
 
+def _placement(device_map: str | None, max_memory: dict[int | str, int] | None) -> dict[str, Any]:
+    """Return the from_pretrained options that place a model with accelerate."""
+    if device_map is None:
+        return {}
+    for key in max_memory or {}:
+        if isinstance(key, int) and key >= torch.cuda.device_count():
+            raise ConfigError(
+                f"--max-memory names GPU {key}, but {torch.cuda.device_count()} CUDA "
+                "device(s) are visible; name only visible GPUs, or cpu"
+            )
+        if key == "mps" and not torch.backends.mps.is_available():
+            raise ConfigError("--max-memory names mps, which is not available; drop it")
+    placement: dict[str, Any] = {"device_map": device_map}
+    if max_memory:
+        placement["max_memory"] = dict(max_memory)
+    return placement
+
+
+def input_device(model: transformers.PreTrainedModel) -> torch.device:
+    """Return the device that input ids go to: that of the input embeddings.
+
+    With a device map, accelerate keeps an offloaded layer's weight on the meta device
+    and runs the layer on its hook's execution device, so inputs go to that device.
+    """
+    embeddings = model.get_input_embeddings()
+    device = embeddings.weight.device
+    if device.type == "meta":
+        hook = getattr(embeddings, "_hf_hook", None)
+        execution_device = getattr(hook, "execution_device", None)
+        return torch.device(execution_device if execution_device is not None else "cpu")
+    return device
+
+
 def _load_from_spec(
     spec: str,
     dtype: torch.dtype,
     revision: str | None,
     trust_remote_code: bool,
     cache_root: Path,
+    placement: dict[str, Any],
 ) -> tuple[transformers.PreTrainedModel, transformers.PreTrainedTokenizerBase, _Source]:
     if not spec.strip():
         raise ModelError(
@@ -236,15 +279,15 @@ def _load_from_spec(
         builtin = BUILTIN_MODELS[spec]
         logger.info("loading built-in model %s: %s", spec, builtin.description)
         gguf_path = builtin.locate_gguf(cache_root)
-        return _load_gguf(gguf_path, dtype, cache_root, kind="builtin")
+        return _load_gguf(gguf_path, dtype, cache_root, placement, kind="builtin")
 
     path = Path(spec).expanduser().resolve()
     if path.is_dir():
-        return _load_model_dir(path, dtype, trust_remote_code)
+        return _load_model_dir(path, dtype, trust_remote_code, placement)
     if path.is_file():
-        return _load_gguf(path, dtype, cache_root, kind="gguf")
+        return _load_gguf(path, dtype, cache_root, placement, kind="gguf")
     if _looks_like_hub_id(spec):
-        return _load_hub(spec, revision, dtype, trust_remote_code)
+        return _load_hub(spec, revision, dtype, trust_remote_code, placement)
     raise ModelError(
         f"model not found: {spec!r} is not an existing path, a built-in name "
         f"({', '.join(BUILTIN_MODELS)}) or a hub id of the form owner/name"
@@ -259,7 +302,7 @@ def _looks_like_hub_id(spec: str) -> bool:
 
 
 def _load_model_dir(
-    path: Path, dtype: torch.dtype, trust_remote_code: bool
+    path: Path, dtype: torch.dtype, trust_remote_code: bool, placement: dict[str, Any]
 ) -> tuple[transformers.PreTrainedModel, transformers.PreTrainedTokenizerBase, _Source]:
     if not (path / "config.json").is_file():
         raise ModelError(
@@ -269,7 +312,9 @@ def _load_model_dir(
     weight_files = _weight_files(path)
     _check_tokenizer_files(path)
     logger.info("loading model directory %s", path)
-    model = _model_from_pretrained(str(path), dtype=dtype, trust_remote_code=trust_remote_code)
+    model = _model_from_pretrained(
+        str(path), dtype=dtype, trust_remote_code=trust_remote_code, **placement
+    )
     tokenizer = _tokenizer_from_pretrained(str(path), trust_remote_code=trust_remote_code)
     return model, tokenizer, _Source("local", path, sha256=_sha256_files(weight_files))
 
@@ -318,6 +363,7 @@ def _load_gguf(
     path: Path,
     dtype: torch.dtype,
     cache_root: Path,
+    placement: dict[str, Any],
     *,
     kind: str,
 ) -> tuple[transformers.PreTrainedModel, transformers.PreTrainedTokenizerBase, _Source]:
@@ -335,7 +381,7 @@ def _load_gguf(
 
     # Read back from the entry even right after converting, so the first run and
     # later runs load the same saved weights.
-    model = _model_from_pretrained(str(entry), dtype=dtype)
+    model = _model_from_pretrained(str(entry), dtype=dtype, **placement)
     tokenizer = _tokenizer_from_pretrained(str(entry))
     return model, tokenizer, _Source(kind, path, sha256=sha256, cache_path=entry)
 
@@ -533,7 +579,11 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
 
 
 def _load_hub(
-    repo_id: str, revision: str | None, dtype: torch.dtype, trust_remote_code: bool
+    repo_id: str,
+    revision: str | None,
+    dtype: torch.dtype,
+    trust_remote_code: bool,
+    placement: dict[str, Any],
 ) -> tuple[transformers.PreTrainedModel, transformers.PreTrainedTokenizerBase, _Source]:
     commit = _cached_hub_commit(repo_id, revision)
     local_files_only = commit is not None
@@ -557,7 +607,7 @@ def _load_hub(
         "trust_remote_code": trust_remote_code,
         "local_files_only": local_files_only,
     }
-    model = _model_from_pretrained(repo_id, dtype=dtype, **options)
+    model = _model_from_pretrained(repo_id, dtype=dtype, **options, **placement)
     tokenizer = _tokenizer_from_pretrained(repo_id, **options)
     return model, tokenizer, _Source("hub", Path(repo_id), revision=commit)
 

@@ -255,6 +255,23 @@ def score_units(
     progress: Callable[[int], None] | None = None,
 ) -> list[DocumentResult]:
     """Score units from :func:`build_units`; see :func:`score_corpus`."""
+    groups = group_units(list(units), WINDOWS_PER_GROUP * settings.batch_size)
+    return score_groups(loaded, groups, settings, on_document=on_document, progress=progress)
+
+
+def score_groups(
+    loaded: LoadedModel,
+    groups: Iterable[list[Unit]],
+    settings: ScoringSettings,
+    *,
+    on_document: Callable[[DocumentResult], None] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> list[DocumentResult]:
+    """Score groups of units formed by :func:`group_units`, each group in its own batches.
+
+    A run sharded over ranks scores a subset of the groups that one process forms, so
+    each batch, and therefore each document's values, stays the same.
+    """
     scorer = WindowScorer(
         loaded.model,
         batch_size=settings.batch_size,
@@ -264,7 +281,7 @@ def score_units(
         with_entropy=settings.with_entropy,
     )
     results = []
-    for group in group_units(list(units), WINDOWS_PER_GROUP * settings.batch_size):
+    for group in groups:
         _score_group(scorer, group, progress)
         for unit in group:
             results.append(unit.result)

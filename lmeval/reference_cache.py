@@ -198,6 +198,8 @@ class CacheWriter:
         windows: the run's windows, in order.
         vocabulary_size: V, the tokenizer ids stored.
         metadata: identity of the reference, data and protocol, and the tokens.
+        partial: the temporary file of rank 0 of a sharded run, which this rank
+            writes its rows into; None creates a new file.
 
     Raises:
         ConfigError: when the directory lacks the space for the cache.
@@ -210,6 +212,7 @@ class CacheWriter:
         windows: Sequence[Window],
         vocabulary_size: int,
         metadata: dict[str, Any],
+        partial: str | Path | None = None,
     ) -> None:
         options.check()
         self.path = Path(path)
@@ -229,6 +232,12 @@ class CacheWriter:
             **metadata,
         }
         self.size = cache_size_bytes(options, num_positions, vocabulary_size)
+        self._attached = partial is not None
+        if partial is not None:
+            self._partial = Path(partial)
+            header, data_start = _read_header(self._partial)
+            self._maps = _memory_maps(self._partial, header, data_start, mode="r+")
+            return
         self._check_space()
         self._partial = self.path.with_name(
             f".{self.path.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
@@ -284,19 +293,33 @@ class CacheWriter:
             target = self._maps[name]
             target[rows] = value.detach().cpu().numpy().astype(target.dtype, copy=False)
 
-    def finish(self) -> dict:
-        """Flush the file, move it to ``path`` and return its description."""
+    @property
+    def partial_path(self) -> Path:
+        """The temporary file, renamed to ``path`` by :meth:`finish`."""
+        return self._partial
+
+    def flush(self) -> None:
+        """Write this process's rows to disk and close the memory maps."""
         for array in self._maps.values():
-            array.flush()
+            if isinstance(array, np.memmap):
+                array.flush()
         self._maps = {}
+
+    def finish(self) -> dict:
+        """Flush the file, move it to ``path`` and return its description.
+
+        In a sharded run, rank 0 calls this after every rank's :meth:`flush`.
+        """
+        self.flush()
         os.replace(self._partial, self.path)
         logger.info("wrote reference cache %s (%s)", self.path, format_bytes(self.size))
         return cache_record(self.path, self.metadata, self.path.stat().st_size)
 
     def abort(self) -> None:
-        """Delete the partial file."""
+        """Delete the partial file, unless it belongs to rank 0 of a sharded run."""
         self._maps = {}
-        self._partial.unlink(missing_ok=True)
+        if not self._attached:
+            self._partial.unlink(missing_ok=True)
 
 
 def _create_file(

@@ -3,6 +3,9 @@
 An output directory holds ``config.json`` (written when the run starts: what the run
 is, so a later run can tell whether it may resume there), ``documents.jsonl`` (one row
 per finished document, flushed as it is written) and ``results.json`` (written last).
+In a run over several ranks, rank N > 0 appends its rows to ``documents.rankN.jsonl``
+(see :class:`RankRows`); rank 0 merges them into documents.jsonl at the end, and a
+resumed run reads them too, so a killed run keeps every finished row.
 JSON files are written to a temporary file and renamed, so a crash never leaves a
 truncated one.
 """
@@ -25,6 +28,8 @@ from lmeval.errors import ConfigError
 
 CONFIG_FILE = "config.json"
 DOCUMENTS_FILE = "documents.jsonl"
+#: Rows of rank N > 0 of a sharded run, before rank 0 merges them into DOCUMENTS_FILE.
+RANK_DOCUMENTS_GLOB = "documents.rank*.jsonl"
 RESULTS_FILE = "results.json"
 LIBRARIES = (
     "lmeval",
@@ -129,12 +134,13 @@ class OutputDirectory:
         key = fingerprint(self.run)
         if config_path.exists():
             self._check_stored_run(_read_json(config_path), key, resume)
-            self.finished_rows = read_rows(self.path / DOCUMENTS_FILE)
+            self.finished_rows = self._read_all_rows()
         else:
             self._check_no_outputs()
         try:
             write_json_atomic(config_path, {"fingerprint": key, "run": self.run})
             self._rewrite_rows()
+            self._remove_rank_files()
         except OSError as error:
             raise ConfigError(
                 f"cannot write to --output {str(self.path)!r}: {error}; choose a writable directory"
@@ -164,6 +170,33 @@ class OutputDirectory:
                 f"{CONFIG_FILE}, so it cannot be resumed or overwritten safely; choose "
                 "another --output or delete those files"
             )
+
+    def _read_all_rows(self) -> list[dict]:
+        """Read the rows of documents.jsonl and of every rank's file, each index once."""
+        rows, seen = [], set()
+        paths = [self.path / DOCUMENTS_FILE, *sorted(self.path.glob(RANK_DOCUMENTS_GLOB))]
+        for path in paths:
+            for row in read_rows(path):
+                if row["index"] not in seen:
+                    seen.add(row["index"])
+                    rows.append(row)
+        return rows
+
+    def _remove_rank_files(self) -> None:
+        # Only after their rows are in documents.jsonl: a kill before this line leaves
+        # rows in both files, which _read_all_rows reads once.
+        for path in self.path.glob(RANK_DOCUMENTS_GLOB):
+            path.unlink()
+
+    def merge_rows(self, rows: Iterable[dict]) -> None:
+        """Replace documents.jsonl by ``rows`` sorted by index and drop the rank files.
+
+        Rank 0 of a sharded run calls this with the rows gathered from every rank.
+        """
+        self.close()
+        self.finished_rows = sorted(rows, key=lambda row: row["index"])
+        self._rewrite_rows()
+        self._remove_rank_files()
 
     def _rewrite_rows(self) -> None:
         """Drop a partly written last row (from a killed run) before appending.
@@ -198,6 +231,57 @@ class OutputDirectory:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+class RankRows:
+    """The rows file of one rank N > 0 of a sharded run, ``documents.rankN.jsonl``.
+
+    Open it only after rank 0 has prepared the directory, which merges and removes
+    the rank files of the run it resumes.
+    """
+
+    def __init__(self, path: str | Path, rank: int) -> None:
+        self.path = Path(path) / f"documents.rank{rank}.jsonl"
+        self._file: TextIO | None = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
+
+    def append(self, row: dict) -> None:
+        """Append one document row and flush it to disk."""
+        self._file.write(json.dumps(row, allow_nan=False) + "\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def finished_results(path: str | Path, run: dict[str, Any]) -> dict | None:
+    """Return the results.json in ``path`` when the run there is ``run`` and finished.
+
+    The run is the same when config.json stores the fingerprint of ``run``. Otherwise,
+    or without a readable results.json, return None.
+    """
+    path = Path(path)
+    stored = _read_json(path / CONFIG_FILE)
+    if stored.get("fingerprint") != fingerprint(run):
+        return None
+    results = _read_json(path / RESULTS_FILE)
+    return results or None
+
+
+def stored_fingerprint(path: str | Path) -> str | None:
+    """Return the fingerprint in ``path``/config.json, or None without a readable one."""
+    return _read_json(Path(path) / CONFIG_FILE).get("fingerprint")
+
+
+def remove_unfinished(path: str | Path) -> None:
+    """Delete the config.json and rows of a run that stopped before its results.json."""
+    path = Path(path)
+    for name in (CONFIG_FILE, DOCUMENTS_FILE):
+        (path / name).unlink(missing_ok=True)
+    for rows in path.glob(RANK_DOCUMENTS_GLOB):
+        rows.unlink()
 
 
 def run_differences(stored: dict, current: dict, max_listed: int = 3) -> list[str]:

