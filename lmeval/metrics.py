@@ -11,9 +11,14 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+# Tensor methods alone are used here, so importing this module (as ``lmeval compare``
+# does) does not load torch.
+if TYPE_CHECKING:
+    import torch
 
 #: Two-sided 95% normal quantile.
 Z_95 = 1.959963984540054
@@ -34,7 +39,7 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """
     logits = logits.float()
     target_logits = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    return torch.logsumexp(logits, dim=-1) - target_logits
+    return logits.logsumexp(dim=-1) - target_logits
 
 
 def entropy(logprobs: torch.Tensor) -> torch.Tensor:
@@ -44,9 +49,8 @@ def entropy(logprobs: torch.Tensor) -> torch.Tensor:
         logprobs: ``[..., V]`` log-probabilities (``-inf`` allowed).
     """
     logprobs = logprobs.float()
-    terms = torch.where(
-        logprobs == -math.inf, torch.zeros_like(logprobs), logprobs.exp() * logprobs
-    )
+    # exp(-inf) * -inf is NaN, and masked to the limit 0 log 0 = 0.
+    terms = (logprobs.exp() * logprobs).masked_fill(logprobs == -math.inf, 0.0)
     return -terms.sum(-1)
 
 

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 
-from lmeval import plots
 from lmeval.compare import (
     compare_results,
     format_number,
@@ -55,6 +54,13 @@ COUNT_METRICS = {
 
 
 # Blocks ----------------------------------------------------------------------------
+
+
+def _plots():
+    """Import the figure module on first use: matplotlib is slow to load."""
+    from lmeval import plots
+
+    return plots
 
 
 @dataclass
@@ -233,7 +239,8 @@ def _position_section(results: dict, diagnostics: dict) -> Section:
                 "included. Early positions have little context, so their loss is higher."
             ),
             Image(
-                "Mean NLL by position within the window", plots.nll_by_position(buckets, mean_nll)
+                "Mean NLL by position within the window",
+                _plots().nll_by_position(buckets, mean_nll),
             ),
             Table(["positions", "tokens", "mean NLL", "accuracy"], rows),
         ],
@@ -263,7 +270,7 @@ def _calibration_section(diagnostics: dict) -> Section:
                 f"confidence| over bins. Mean confidence "
                 f"{calibration['mean_confidence']:.4f}, accuracy {calibration['accuracy']:.4f}."
             ),
-            Image("Reliability diagram", plots.reliability_diagram(calibration)),
+            Image("Reliability diagram", _plots().reliability_diagram(calibration)),
             Table(["confidence", "tokens", "mean confidence", "accuracy"], rows),
         ],
     )
@@ -275,7 +282,7 @@ def _documents_section(run: Run, diagnostics: dict | None) -> Section:
     corpus = run.results["metrics"]["perplexity"]
     if len(perplexities) >= 2:
         section.blocks.append(
-            Image("Per-document perplexity", plots.document_perplexity(perplexities, corpus))
+            Image("Per-document perplexity", _plots().document_perplexity(perplexities, corpus))
         )
     else:
         section.blocks.append(
@@ -414,7 +421,7 @@ def kl_sections(run: Run) -> list[Section]:
         divergence.blocks.append(
             Image(
                 "Histogram of per-token KL",
-                plots.kl_histogram(ladder, names, "Per-token KL (log-spaced bins)"),
+                _plots().kl_histogram(ladder, names, "Per-token KL (log-spaced bins)"),
             )
         )
     else:
@@ -428,7 +435,7 @@ def kl_sections(run: Run) -> list[Section]:
         divergence.blocks.append(
             Image(
                 "Percentile ladder of per-token KL",
-                plots.percentile_ladder(
+                _plots().percentile_ladder(
                     ladder, names, "Per-token KL: percentile ladder (log scale)"
                 ),
             )
@@ -451,13 +458,13 @@ def kl_sections(run: Run) -> list[Section]:
             section.blocks.append(
                 Image(
                     "Histogram of delta p",
-                    plots.signed_histogram(
+                    _plots().signed_histogram(
                         delta_p["histogram"], "Delta p: distribution", "p_model(x) - p_ref(x)"
                     ),
                 )
             )
         section.blocks.append(
-            Image("Delta p percentiles", plots.signed_ladder(delta_p, "Delta p: percentiles"))
+            Image("Delta p percentiles", _plots().signed_ladder(delta_p, "Delta p: percentiles"))
         )
         sections.append(section)
     worst = run.results.get("worst_tokens")
@@ -502,7 +509,7 @@ def kl_headline_table(results: dict) -> Table:
 
 
 def _ladder_table(ladder: dict[str, dict]) -> Table:
-    names = [n for n in plots._LADDER_ORDER if any(n in summary for summary in ladder.values())]
+    names = [n for n in _plots()._LADDER_ORDER if any(n in summary for summary in ladder.values())]
     rows = [
         [key] + [format_value(_float(summary.get(name))) for name in names]
         for key, summary in ladder.items()
