@@ -481,16 +481,17 @@ def kl_headline_table(results: dict) -> Table:
     rows, keys = [], []
     for key, label in (("kl_model_ref", "KL(model || ref)"), ("kl_ref_model", "KL(ref || model)")):
         summary = m.get(key) or {}
-        rows.append([f"{label} mean", format_value(_float(summary.get("mean"))), _stderr(summary)])
+        mean = format_significant(_float(summary.get("mean")))
+        rows.append([f"{label} mean", mean, _stderr(summary)])
         keys.append(f"metrics.{key}.mean")
-    for key, label in (
-        ("js", "Jensen-Shannon"),
-        ("tv", "total variation"),
-        ("top1_agreement", "top-1 agreement"),
-        ("log_ppl_ratio", "ln(PPL model / PPL ref)"),
+    for key, label, formatter in (
+        ("js", "Jensen-Shannon", format_significant),
+        ("tv", "total variation", format_significant),
+        ("top1_agreement", "top-1 agreement", format_value),
+        ("log_ppl_ratio", "ln(PPL model / PPL ref)", format_significant),
     ):
         stderr = m.get(f"{key}_stderr")
-        rows.append([label, format_value(_float(m.get(key))), _stderr({"stderr": stderr})])
+        rows.append([label, formatter(_float(m.get(key))), _stderr({"stderr": stderr})])
         keys.append(f"metrics.{key}")
     for key, label in (
         ("top5_overlap", "top-5 overlap"),
@@ -511,7 +512,7 @@ def kl_headline_table(results: dict) -> Table:
 def _ladder_table(ladder: dict[str, dict]) -> Table:
     names = [n for n in _plots()._LADDER_ORDER if any(n in summary for summary in ladder.values())]
     rows = [
-        [key] + [format_value(_float(summary.get(name))) for name in names]
+        [key] + [format_significant(_float(summary.get(name))) for name in names]
         for key, summary in ladder.items()
     ]
     return Table(["direction", *names], rows)
@@ -845,6 +846,15 @@ def format_value(value: float | None) -> str:
     return f"{value:.4f}"
 
 
+def format_significant(value: float | None) -> str:
+    """Format a value that may be far below 1, such as a KL divergence, to 4 digits."""
+    if value is None:
+        return "n/a"
+    if not math.isfinite(value):
+        return str(value)
+    return f"{value:.4g}"
+
+
 def format_interval(interval: list[float] | None) -> str:
     if not interval or any(x is None or not math.isfinite(x) for x in interval):
         return "n/a"
@@ -890,7 +900,7 @@ def protocol_label(protocol: dict) -> str:
 
 def _stderr(summary: dict) -> str:
     stderr = _float(summary.get("stderr"))
-    return "n/a" if stderr is None else f"{stderr:.4f}"
+    return "n/a" if stderr is None else format_significant(stderr)
 
 
 def _float(value) -> float | None:

@@ -198,6 +198,11 @@ def test_report_of_real_kl_run(tmp_path):
     page = (output / "report.html").read_text()
     assert "Histogram of per-token KL" in page
     assert "Histogram of delta p" in page
+    cells = {key: value for key, value, _ in HEADLINE_CELL.findall(page)}
+    for key in ("kl_model_ref", "kl_ref_model"):
+        mean = results["metrics"][key]["mean"]
+        assert float(cells[f"metrics.{key}.mean"]) == pytest.approx(mean, rel=1e-3)
+    assert float(cells["metrics.js"]) == pytest.approx(results["metrics"]["js"], rel=1e-3)
     images = IMAGE.findall(page)
     assert len(images) == 4  # KL histogram and ladder, delta p histogram and percentiles
     for data in images:
