@@ -1,8 +1,14 @@
 """Compare the results of runs metric by metric, and say which differences exceed the noise.
 
-A difference is called outside the error bars by one of two tests, named in each row:
+A difference is called outside the error bars by one of three tests, named in each row:
 
-- ``z-test``: where both runs store a standard error for the metric (mean NLL, and so
+- ``paired z-test``: for ppl metrics, when both runs' documents.jsonl rows cover the
+  same two or more documents. The per-document difference of the metric's ratio
+  (sum NLL over tokens, bytes or words; correct over tokens) gets a delta-method
+  standard error, and the difference is outside when it exceeds 1.96 of them. This
+  is the test for two models on the same text.
+
+- ``z-test``: otherwise, where both runs store a standard error for the metric (mean NLL, and so
   perplexity; accuracy; the KL metrics), ``|b - a| / sqrt(se_a^2 + se_b^2) > 1.96``.
   The test treats the runs as independent samples. Two runs on the same documents are
   positively correlated, so the test is conservative for them: it misses some real
@@ -22,8 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lmeval.errors import ConfigError
-from lmeval.metrics import Z_95
-from lmeval.results import run_differences
+from lmeval.metrics import Z_95, paired_ratio_difference
+from lmeval.results import DOCUMENTS_FILE, read_rows, run_differences
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +51,9 @@ class MetricSpec:
     interval: Callable[[dict], list[float] | None] | None = None
     #: Metric whose standard error tests this one (perplexity is tested on mean NLL).
     tested_on: str | None = None
+    #: Row fields (numerator, denominator) of the per-document ratio behind the metric,
+    #: for the paired test of two runs on the same documents.
+    paired: tuple[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -72,6 +81,8 @@ def _interval(name: str) -> Callable[[dict], list[float] | None]:
     return lambda m: m.get(f"{name}_interval")
 
 
+PER_TOKEN = ("sum_nll", "num_tokens")
+PER_BYTE = ("sum_nll", "num_bytes")
 PPL_METRICS = (
     MetricSpec(
         "perplexity",
@@ -79,24 +90,43 @@ PPL_METRICS = (
         _key("perplexity"),
         _key("mean_nll_stderr"),
         tested_on="mean_nll",
+        paired=PER_TOKEN,
     ),
-    MetricSpec("mean_nll", "mean NLL (nats/token)", _key("mean_nll"), _key("mean_nll_stderr")),
     MetricSpec(
-        "bits_per_byte", "bits per byte", _key("bits_per_byte"), interval=_interval("bits_per_byte")
+        "mean_nll",
+        "mean NLL (nats/token)",
+        _key("mean_nll"),
+        _key("mean_nll_stderr"),
+        paired=PER_TOKEN,
+    ),
+    MetricSpec(
+        "bits_per_byte",
+        "bits per byte",
+        _key("bits_per_byte"),
+        interval=_interval("bits_per_byte"),
+        paired=PER_BYTE,
     ),
     MetricSpec(
         "byte_perplexity",
         "byte perplexity",
         _key("byte_perplexity"),
         interval=_interval("byte_perplexity"),
+        paired=PER_BYTE,
     ),
     MetricSpec(
         "word_perplexity",
         "word perplexity",
         _key("word_perplexity"),
         interval=_interval("word_perplexity"),
+        paired=("sum_nll", "num_words"),
     ),
-    MetricSpec("accuracy", "accuracy (top-1)", _key("accuracy"), _key("accuracy_stderr")),
+    MetricSpec(
+        "accuracy",
+        "accuracy (top-1)",
+        _key("accuracy"),
+        _key("accuracy_stderr"),
+        paired=("num_correct", "num_tokens"),
+    ),
     MetricSpec("num_tokens", "tokens", _key("num_tokens")),
 )
 
@@ -160,8 +190,16 @@ def metric_specs(results: dict) -> tuple[MetricSpec, ...]:
     raise ConfigError(f"cannot compare runs of command {command!r}; compare ppl or kl runs")
 
 
-def compare_results(a: dict, b: dict) -> list[ComparisonRow]:
+def compare_results(
+    a: dict,
+    b: dict,
+    rows_a: Sequence[dict] = (),
+    rows_b: Sequence[dict] = (),
+) -> list[ComparisonRow]:
     """Compare two results objects of the same command, metric by metric.
+
+    With the documents.jsonl rows of both runs, and the same two or more documents
+    scored in each, ppl metrics are tested by the paired test (see :func:`paired_rows`).
 
     Raises:
         ConfigError: when the runs are of different commands, or of one that has no
@@ -172,7 +210,34 @@ def compare_results(a: dict, b: dict) -> list[ComparisonRow]:
             f"cannot compare a {a.get('command')!r} run with a {b.get('command')!r} run"
         )
     metrics_a, metrics_b = a.get("metrics") or {}, b.get("metrics") or {}
-    return [_compare_metric(spec, metrics_a, metrics_b) for spec in metric_specs(a)]
+    pairs = paired_rows(rows_a, rows_b)
+    return [_compare_metric(spec, metrics_a, metrics_b, pairs) for spec in metric_specs(a)]
+
+
+def paired_rows(
+    rows_a: Sequence[dict], rows_b: Sequence[dict]
+) -> tuple[list[dict], list[dict]] | None:
+    """Return the scored rows of two runs when both scored the same documents, else None.
+
+    The documents must match by index and id, two or more of them. Paired, what the
+    documents differ in cancels, so the test sees differences that the independent
+    z-test is too wide to see.
+    """
+    scored_a = sorted(
+        (row for row in rows_a if row.get("skipped") is None and "sum_nll" in row),
+        key=lambda row: row["index"],
+    )
+    scored_b = sorted(
+        (row for row in rows_b if row.get("skipped") is None and "sum_nll" in row),
+        key=lambda row: row["index"],
+    )
+    if len(scored_a) < 2:
+        return None
+    keys_a = [(row["index"], row.get("id")) for row in scored_a]
+    keys_b = [(row["index"], row.get("id")) for row in scored_b]
+    if keys_a != keys_b:
+        return None
+    return scored_a, scored_b
 
 
 def setting_differences(a: dict, b: dict) -> list[str]:
@@ -210,13 +275,26 @@ def _without_file_paths(data):
     return data | {"source": data["source"] | {"files": files}}
 
 
-def _compare_metric(spec: MetricSpec, a: dict, b: dict) -> ComparisonRow:
+def _compare_metric(
+    spec: MetricSpec, a: dict, b: dict, pairs: tuple[list[dict], list[dict]] | None
+) -> ComparisonRow:
     value_a, value_b = spec.value(a), spec.value(b)
     difference = None
     if value_a is not None and value_b is not None:
         difference = value_b - value_a
     outside, test = None, None
-    if spec.stderr is not None:
+    if pairs is not None and spec.paired is not None:
+        numerator, denominator = spec.paired
+        rows_a, rows_b = pairs
+        ratio_difference, stderr = paired_ratio_difference(
+            [row[numerator] for row in rows_a],
+            [row[denominator] for row in rows_a],
+            [row[numerator] for row in rows_b],
+            [row[denominator] for row in rows_b],
+        )
+        outside = z_test_outside(0.0, stderr, ratio_difference, 0.0)
+        test = f"paired z-test, {len(rows_a)} documents"
+    elif spec.stderr is not None:
         test = "z-test" if spec.tested_on is None else f"z-test on {spec.tested_on}"
         outside = z_test_outside(
             _tested_value(spec, a), spec.stderr(a), _tested_value(spec, b), spec.stderr(b)
@@ -326,7 +404,7 @@ def add_compare_command(commands: argparse._SubParsersAction) -> None:
 
 def run_compare_command(args: argparse.Namespace) -> int:
     a, b = load_results(args.run_a), load_results(args.run_b)
-    rows = compare_results(a, b)
+    rows = compare_results(a, b, _document_rows(args.run_a), _document_rows(args.run_b))
     differences = setting_differences(a, b)
     if differences:
         logger.warning(
@@ -341,10 +419,15 @@ def run_compare_command(args: argparse.Namespace) -> int:
     for name, path, results in (("A", args.run_a, a), ("B", args.run_b, b)):
         print(f"{name} = {path} ({_model_label(results.get('model') or {})})")
     print(
-        "z-test: |B - A| > 1.96 combined standard errors, treating the runs as "
-        "independent (conservative for runs on the same text)"
+        "paired z-test: |B - A| > 1.96 standard errors of the per-document differences; "
+        "z-test: |B - A| > 1.96 combined standard errors, the runs taken as independent"
     )
     return 0
+
+
+def _document_rows(path: str) -> list[dict]:
+    directory = Path(path)
+    return read_rows(directory / DOCUMENTS_FILE) if directory.is_dir() else []
 
 
 def _model_label(model: dict) -> str:

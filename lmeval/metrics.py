@@ -109,6 +109,38 @@ def ratio_interval(numerators: Sequence[float], denominators: Sequence[float]) -
     return _normal_interval(ratio, math.sqrt(variance))
 
 
+def paired_ratio_difference(
+    numerators_a: Sequence[float],
+    denominators_a: Sequence[float],
+    numerators_b: Sequence[float],
+    denominators_b: Sequence[float],
+) -> tuple[float, float | None]:
+    """Return ``R_b - R_a`` for two ratio estimates over the same units, and its stderr.
+
+    ``R = sum(numerators) / sum(denominators)`` for each run. Unit i of a and unit i of
+    b are the same document, so the delta method works on the difference of each
+    unit's linearised terms ``(y_i - R x_i) / mean(x)``, and what the units share
+    cancels. With fewer than two units the standard error is None.
+    """
+    terms = []
+    ratios = []
+    for numerators, denominators in (
+        (numerators_a, denominators_a),
+        (numerators_b, denominators_b),
+    ):
+        y = np.asarray(numerators, dtype=np.float64)
+        x = np.asarray(denominators, dtype=np.float64)
+        ratio = float(y.sum() / x.sum())
+        ratios.append(ratio)
+        terms.append((y - ratio * x) / x.mean())
+    difference = ratios[1] - ratios[0]
+    n = len(terms[0])
+    if n < 2:
+        return difference, None
+    variance = float(((terms[1] - terms[0]) ** 2).sum() / (n * (n - 1)))
+    return difference, math.sqrt(variance)
+
+
 def mean_interval(total: float, total_squared: float, count: int) -> Interval:
     """Estimate a mean from the sum and sum of squares of ``count`` i.i.d. values.
 

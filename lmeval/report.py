@@ -590,7 +590,9 @@ def comparison_section(runs: list[Run]) -> Section:
     if base.command not in ("ppl", "kl") or not others:
         section.blocks.append(Note("no runs of the same ppl or kl command to compare"))
         return section
-    comparisons = [compare_results(base.results, run.results) for run in others]
+    comparisons = [
+        compare_results(base.results, run.results, base.documents, run.documents) for run in others
+    ]
     header = ["metric", f"1: {base.label}"]
     for number, run in enumerate(others, start=2):
         header += [f"{number}: {run.label}", f"difference {number} - 1", "outside error bars"]
@@ -607,9 +609,12 @@ def comparison_section(runs: list[Run]) -> Section:
         rows.append(row)
     section.blocks.append(
         Text(
-            "Outside error bars: a z-test on the difference, |b - a| / sqrt(se_a^2 + se_b^2) "
-            "> 1.96, where both runs store a standard error (perplexity is tested on mean "
-            "NLL), else non-overlapping 95% intervals. The z-test treats the runs as "
+            "Outside error bars: for ppl runs on the same two or more documents, a paired "
+            "z-test, |b - a| > 1.96 delta-method standard errors of the per-document "
+            "differences (of sum NLL over tokens, bytes or words, or of correct tokens). "
+            "Otherwise a z-test on the difference, |b - a| / sqrt(se_a^2 + se_b^2) > 1.96, "
+            "where both runs store a standard error (perplexity is tested on mean NLL), "
+            "else non-overlapping 95% intervals. That z-test treats the runs as "
             "independent, which is conservative for two runs on the same documents."
         )
     )

@@ -10,6 +10,7 @@ from lmeval.cli import main
 from lmeval.compare import (
     compare_results,
     intervals_disjoint,
+    paired_ratio_difference,
     setting_differences,
     z_test_outside,
 )
@@ -143,3 +144,43 @@ def test_compare_command_warns_about_other_settings(tmp_path):
     assert "differ in more than the model" in completed.stderr
     assert "protocol.window_size: 2048 -> 512" in completed.stderr
     assert completed.stdout.startswith("metric")
+
+
+def document_rows(sum_nll: list[float], num_tokens: list[int]) -> list[dict]:
+    return [
+        {"index": i, "id": f"doc-{i}", "skipped": None, "sum_nll": nll, "num_tokens": n,
+         "num_bytes": 4 * n, "num_words": n // 2, "num_correct": n // 3}
+        for i, (nll, n) in enumerate(zip(sum_nll, num_tokens, strict=True))
+    ]  # fmt: skip
+
+
+def test_paired_ratio_difference_by_hand():
+    # Per-document differences 1 and 3 over 10 tokens each: mean 0.2, and residuals
+    # -1 and +1 give variance 2 / (2 * 1 * 10^2) = 0.01.
+    difference, stderr = paired_ratio_difference([20, 30], [10, 10], [21, 33], [10, 10])
+    assert difference == pytest.approx(0.2)
+    assert stderr == pytest.approx(0.1)
+
+
+def test_paired_test_sees_consistent_shift():
+    # Documents differ a lot from each other, but B is worse on every one of them.
+    a = ppl_results(3.0, 0.5)
+    b = ppl_results(3.05, 0.5)
+    rows_a = document_rows([100.0, 400.0, 250.0], [100, 100, 100])
+    rows_b = document_rows([105.0, 405.0, 255.0], [100, 100, 100])
+    independent = rows_by_name(a, b)["mean_nll"]
+    assert independent.outside is False
+    paired = {row.name: row for row in compare_results(a, b, rows_a, rows_b)}
+    assert paired["mean_nll"].test == "paired z-test, 3 documents"
+    # Every difference is exactly 0.05 per token, so the standard error is zero.
+    assert paired["mean_nll"].outside is True
+    assert paired["perplexity"].outside is True
+
+
+def test_paired_test_needs_same_documents():
+    a, b = ppl_results(3.0, 0.5), ppl_results(3.05, 0.5)
+    rows_a = document_rows([100.0, 400.0], [100, 100])
+    rows_b = document_rows([105.0, 405.0], [100, 100])
+    rows_b[1]["id"] = "other"
+    row = {row.name: row for row in compare_results(a, b, rows_a, rows_b)}["mean_nll"]
+    assert row.test == "z-test"

@@ -117,7 +117,8 @@ def test_report_of_two_runs_compares(run_dir, tmp_path, capsys):
     assert main(["report", str(run_dir), str(run_dir), "--output", str(output)]) == 0
     page = output.read_text()
     assert "Comparison" in page
-    assert "z-test on mean_nll" in page
+    # The same documents in both runs, so the paired test is used.
+    assert re.search(r"no \(paired z-test, \d+ documents\)", page)
     assert "differ in more than the model" not in page
     assert (tmp_path / "both.md").exists()
 
