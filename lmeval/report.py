@@ -183,6 +183,23 @@ def ppl_sections(run: Run) -> list[Section]:
             )
         )
     else:
+        covered, scored = (
+            diagnostics["num_tokens"],
+            (results.get("metrics") or {}).get("num_tokens"),
+        )
+        if isinstance(scored, int) and covered < scored:
+            sections.append(
+                Section(
+                    "Diagnostics",
+                    [
+                        Note(
+                            f"the figures below cover {covered:,} of the {scored:,} scored "
+                            "tokens: a resumed run has no per-token values of the documents "
+                            "scored before the interruption"
+                        )
+                    ],
+                )
+            )
         sections.append(_position_section(results, diagnostics))
         sections.append(_calibration_section(diagnostics))
     sections.append(_documents_section(run, diagnostics))

@@ -123,6 +123,18 @@ def test_report_of_two_runs_compares(run_dir, tmp_path, capsys):
     assert (tmp_path / "both.md").exists()
 
 
+def test_report_notes_partial_diagnostics(run_dir, tmp_path):
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    results = json.loads((run_dir / "results.json").read_text())
+    results["metrics"]["num_tokens"] += 100
+    (resumed / "results.json").write_text(json.dumps(results))
+    assert main(["report", str(resumed)]) == 0
+    page = (resumed / "report.html").read_text()
+    covered = results["diagnostics"]["num_tokens"]
+    assert f"the figures below cover {covered:,} of the {covered + 100:,} scored" in page
+
+
 def test_report_notes_other_settings(run_dir, tmp_path):
     other = tmp_path / "other"
     other.mkdir()
