@@ -30,8 +30,8 @@ demo: setup
 	$(BIN)/lmeval ppl --model smollm2-135m --limit 8
 
 lint: setup
-	$(BIN)/ruff format --check lmeval tests examples
-	$(BIN)/ruff check lmeval tests examples
+	$(BIN)/ruff format --check lmeval tests examples benchmarks
+	$(BIN)/ruff check lmeval tests examples benchmarks
 
 test: lint
 	$(BIN)/pytest -m "slow or not slow"

@@ -180,15 +180,16 @@ def add_scoring_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--threads", type=int, help="CPU threads (default: all available cores)")
 
 
-def add_output_arguments(parser: argparse.ArgumentParser) -> None:
+def add_output_arguments(parser: argparse.ArgumentParser, resume: bool = True) -> None:
     group = parser.add_argument_group("output")
     group.add_argument("--output", help="directory for results.json and documents.jsonl")
-    group.add_argument(
-        "--resume",
-        action="store_true",
-        default=None,
-        help="continue a killed run in --output without rescoring finished documents",
-    )
+    if resume:
+        group.add_argument(
+            "--resume",
+            action="store_true",
+            default=None,
+            help="continue a killed run in --output without rescoring finished documents",
+        )
     group.add_argument(
         "--json", action="store_true", default=None, help="print results.json to stdout"
     )
@@ -282,6 +283,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lmeval: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader of stdout (e.g. head) has gone. Point stdout at /dev/null so the
+        # interpreter's final flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 def _config_from_args(args: argparse.Namespace) -> RunConfig:

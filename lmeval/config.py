@@ -309,7 +309,7 @@ def _type_problem(name: str, value: Any, types: Mapping[str, type]) -> str | Non
     if expected is int and (isinstance(value, bool) or not isinstance(value, int)):
         return f"{name.replace('_', '-')} must be an integer, got {value!r}"
     if expected is list and not isinstance(value, list | str):
-        return f"{name.replace('_', '-')} must be a list of paths, got {value!r}"
+        return f"{name.replace('_', '-')} must be a list of strings, got {value!r}"
     if name == "batch_size" and not (
         (isinstance(value, int) and not isinstance(value, bool)) or value == "auto"
     ):

@@ -12,6 +12,7 @@ import json
 import sys
 
 from lmeval.cli import (
+    _disable_library_progress_bars,
     add_data_arguments,
     add_model_arguments,
     add_output_arguments,
@@ -61,7 +62,7 @@ def add_kl_commands(commands: argparse._SubParsersAction) -> None:
     _add_reference_arguments(kl, save=True)
     add_data_arguments(kl)
     add_scoring_arguments(kl)
-    add_output_arguments(kl)
+    add_output_arguments(kl, resume=False)
     _add_report_arguments(kl)
     kl.set_defaults(handler=run_kl_command)
 
@@ -87,7 +88,7 @@ def add_kl_commands(commands: argparse._SubParsersAction) -> None:
     _add_reference_arguments(drift, save=False)
     add_data_arguments(drift)
     add_scoring_arguments(drift)
-    add_output_arguments(drift)
+    add_output_arguments(drift, resume=False)
     _add_report_arguments(drift)
     drift.set_defaults(handler=run_drift_command)
 
@@ -152,6 +153,8 @@ def run_kl_command(args: argparse.Namespace) -> int:
     from lmeval.kl_run import KL_CONFIG_TYPES, KLConfig, run_kl
 
     config = _config_from_args(args, KLConfig, KL_CONFIG_TYPES)
+    if not config.progress:
+        _disable_library_progress_bars()
     results = run_kl(config, progress_bar=config.progress)
     if not is_main_process():
         return 0
@@ -173,6 +176,8 @@ def run_drift_command(args: argparse.Namespace) -> int:
             f"run lmeval drift --reference REF {args.model} ..."
         )
     config = _config_from_args(args, DriftConfig, DRIFT_CONFIG_TYPES)
+    if not config.progress:
+        _disable_library_progress_bars()
     results = run_drift(config, progress_bar=config.progress)
     if not is_main_process():
         return 0
@@ -279,8 +284,8 @@ def _model_label(identity: dict) -> str:
 
 
 def _worst_line(rank: int, record: dict) -> str:
-    model = ", ".join(f"{p['token']!r} {p['probability']:.2f}" for p in record["model_top"])
-    reference = ", ".join(f"{p['token']!r} {p['probability']:.2f}" for p in record["reference_top"])
+    model = ", ".join(f"{p['token']!r} {p['probability']:.3g}" for p in record["model_top"])
+    reference = ", ".join(f"{p['token']!r} {p['probability']:.3g}" for p in record["reference_top"])
     return (
         f"  {rank}. document {record['document']} token {record['position']} "
         f"{record['token']!r}: KL {_value(record['kl_ref_model'])}; context "

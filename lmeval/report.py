@@ -16,6 +16,7 @@ import html
 import json
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +36,8 @@ logger = logging.getLogger(__name__)
 DOCUMENTS_FILE = "documents.jsonl"
 TOKENS_FILE = "tokens.parquet"
 DRIFT_FILE = "drift.json"
+#: Written by a multi-checkpoint ppl run beside its checkpoints' run directories.
+SERIES_FILE = "summary.json"
 #: Metrics of the ppl headline table that have a 95% interval.
 INTERVAL_METRICS = {
     "perplexity": "perplexity",
@@ -70,9 +73,10 @@ class Text:
 
 @dataclass
 class Note:
-    """A part of the report that was skipped, and why."""
+    """A part of the report that was skipped and why, or a warning about the numbers."""
 
     text: str
+    label: str = "Skipped"
 
 
 @dataclass
@@ -138,6 +142,27 @@ class Run:
         return f"{self.path.name} ({details})" if details else self.path.name
 
 
+def expand_series(run_dirs: Sequence[str | Path]) -> list[Path]:
+    """Replace the output directory of a multi-checkpoint ppl run by its checkpoints' runs.
+
+    Such a directory has summary.json and a run directory per checkpoint, listed there
+    in order of training step; the report then compares the checkpoints.
+    """
+    expanded = []
+    for run_dir in map(Path, run_dirs):
+        summary = run_dir / SERIES_FILE
+        if (run_dir / "results.json").exists() or not summary.exists():
+            expanded.append(run_dir)
+            continue
+        try:
+            rows = json.loads(summary.read_text(encoding="utf-8"))["rows"]
+            paths = [Path(row["results"]).parent for row in rows]
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise ConfigError(f"cannot read {str(summary)!r}: {error}") from error
+        expanded.extend(run_dir / path.name for path in paths)
+    return expanded
+
+
 def load_run(path: str | Path) -> Run:
     """Read the outputs of a run directory.
 
@@ -195,7 +220,8 @@ def ppl_sections(run: Run) -> list[Section]:
                         Note(
                             f"the figures below cover {covered:,} of the {scored:,} scored "
                             "tokens: a resumed run has no per-token values of the documents "
-                            "scored before the interruption"
+                            "scored before the interruption",
+                            label="Note",
                         )
                     ],
                 )
@@ -303,7 +329,10 @@ def _documents_section(run: Run, diagnostics: dict | None) -> Section:
         )
     else:
         section.blocks.append(
-            Note(f"{len(perplexities)} scored document rows in {DOCUMENTS_FILE}; no histogram")
+            Note(
+                f"no histogram of per-document perplexity: {DOCUMENTS_FILE} has "
+                f"{len(perplexities)} scored document(s), and the histogram needs two or more"
+            )
         )
     summary = (diagnostics or {}).get("documents")
     if summary:
@@ -538,9 +567,9 @@ def _ladder_table(ladder: dict[str, dict]) -> Table:
 def _kl_worst_section(worst: list[dict], key: str | None) -> Section:
     items = []
     for rank, record in enumerate(worst, start=1):
-        model_top = ", ".join(f"{t['token']!r} {t['probability']:.2f}" for t in record["model_top"])
+        model_top = ", ".join(f"{t['token']!r} {t['probability']:.3g}" for t in record["model_top"])
         reference_top = ", ".join(
-            f"{t['token']!r} {t['probability']:.2f}" for t in record["reference_top"]
+            f"{t['token']!r} {t['probability']:.3g}" for t in record["reference_top"]
         )
         value = _float(record.get(key or "kl_ref_model")) or 0.0
         items.append(
@@ -642,7 +671,8 @@ def comparison_section(runs: list[Run]) -> Section:
             section.blocks.append(
                 Note(
                     f"runs 1 and {number} differ in more than the model, so their "
-                    f"differences mix both: {'; '.join(differences)}"
+                    f"differences mix both: {'; '.join(differences)}",
+                    label="Warning",
                 )
             )
     return section
@@ -687,11 +717,13 @@ def write_report(run_dirs: list[str], output: str | Path) -> tuple[Path, Path]:
     Returns:
         The paths of the HTML and Markdown files.
     """
-    runs = [load_run(path) for path in run_dirs]
+    runs = [load_run(path) for path in expand_series(run_dirs)]
     sections = build_sections(runs)
     title = report_title(runs)
     sources = [str(run.path) for run in runs]
     html_path = Path(output)
+    if html_path.is_dir():
+        html_path = html_path / "report.html"
     markdown_path = html_path.with_suffix(".md")
     html_path.parent.mkdir(parents=True, exist_ok=True)
     html_path.write_text(render_html(title, sources, sections), encoding="utf-8")
@@ -739,7 +771,7 @@ def _html_block(block) -> str:
     if isinstance(block, Text):
         return f"<p>{html.escape(block.text)}</p>"
     if isinstance(block, Note):
-        return f'<p class="note">Skipped: {html.escape(block.text)}</p>'
+        return f'<p class="note">{block.label}: {html.escape(block.text)}</p>'
     if isinstance(block, Image):
         data = base64.b64encode(block.png).decode("ascii")
         alt = html.escape(block.title)
@@ -828,7 +860,7 @@ def _markdown_block(block) -> str:
     if isinstance(block, Text):
         return block.text
     if isinstance(block, Note):
-        return f"> Skipped: {block.text}"
+        return f"> {block.label}: {block.text}"
     if isinstance(block, Table):
         lines = [
             "| " + " | ".join(_markdown_cell(h) for h in block.header) + " |",

@@ -27,7 +27,10 @@ from lmeval.windows import Window
 logger = logging.getLogger(__name__)
 
 #: Bytes of float32 logits one chunk may hold (``C x V x 4``) before log-softmax.
-CHUNK_BYTES = 256 * 2**20
+#: Scoring keeps about three such tensors alive at once (this chunk, its exp in
+#: logsumexp, the previous chunk). At 64 MiB, gemma3-270m scoring one 4096-token
+#: window peaked at 1.89 GiB RSS on a 2-core CPU, against 2.26 GiB at 256 MiB.
+CHUNK_BYTES = 64 * 2**20
 MAX_AUTO_BATCH_SIZE = 64
 
 

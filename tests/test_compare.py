@@ -184,3 +184,17 @@ def test_paired_test_needs_same_documents():
     rows_b[1]["id"] = "other"
     row = {row.name: row for row in compare_results(a, b, rows_a, rows_b)}["mean_nll"]
     assert row.test == "z-test"
+
+
+def test_compare_into_closed_pipe(tmp_path):
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(ppl_results(3.0, 0.01)))
+    command = [sys.executable, "-m", "lmeval", "compare", str(tmp_path / "a"), str(tmp_path / "b")]
+    reader = subprocess.Popen(["head", "-c", "1"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    writer = subprocess.run(
+        [*command, "--json"], stdout=reader.stdin, stderr=subprocess.PIPE, timeout=120
+    )
+    reader.stdin.close()
+    reader.wait(timeout=60)
+    assert "Traceback" not in writer.stderr.decode()

@@ -135,6 +135,28 @@ def test_report_notes_partial_diagnostics(run_dir, tmp_path):
     assert f"the figures below cover {covered:,} of the {covered + 100:,} scored" in page
 
 
+def test_report_of_checkpoint_series(run_dir, tmp_path):
+    import shutil
+
+    series = tmp_path / "series"
+    rows = []
+    for name in ("checkpoint-20", "checkpoint-10"):
+        shutil.copytree(run_dir, series / name)
+        rows.append({"checkpoint": name, "results": str(series / name / "results.json")})
+    (series / "summary.json").write_text(json.dumps({"command": "ppl-checkpoints", "rows": rows}))
+    assert main(["report", str(series)]) == 0
+    page = (series / "report.html").read_text()
+    assert "Comparison" in page
+    assert "1: checkpoint-20" in page
+    assert "2: checkpoint-10" in page
+
+
+def test_report_into_existing_directory(run_dir, tmp_path):
+    assert main(["report", str(run_dir), "--output", str(tmp_path)]) == 0
+    assert (tmp_path / "report.html").read_text().startswith("<!DOCTYPE html>")
+    assert (tmp_path / "report.md").exists()
+
+
 def test_report_notes_other_settings(run_dir, tmp_path):
     other = tmp_path / "other"
     other.mkdir()
