@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Create the virtual environment of the benchmark's peer tools, apart from lmeval's.
+#
+#   bash benchmarks/setup.sh            lm-evaluation-harness and the naive loop
+#   bash benchmarks/setup.sh --llama    also compile llama-cpp-python (20+ minutes
+#                                       on two cores), timing the build
+#
+# The peers get their own environment so that their pins (lm_eval's datasets and
+# evaluate, llama-cpp-python's numpy) never change the versions lmeval is tested with.
+set -euo pipefail
+
+here="$(cd "$(dirname "$0")" && pwd)"
+venv="${PEERS_VENV:-$here/.venv-peers}"
+python="${PYTHON:-python3}"
+
+if [[ ! -x "$venv/bin/python" ]]; then
+    "$python" -m venv "$venv"
+fi
+pip=("$venv/bin/pip" install --quiet)
+"${pip[@]}" --upgrade pip
+
+# torch goes first and pinned, so that lm_eval's open "torch>=1.8" is already met
+# by the CPU build and pip does not fetch a CUDA build of several GB.
+"${pip[@]}" torch==2.13.0
+"${pip[@]}" "lm_eval[hf]==0.4.13" "transformers>=5.0,<6" py-spy
+
+# lm_eval must not have replaced torch or pulled a transformers lmeval does not use.
+"$venv/bin/python" - <<'PY'
+import torch, transformers, lm_eval  # noqa: F401
+from importlib.metadata import version
+
+assert torch.__version__.startswith("2.13.0"), f"peer torch is {torch.__version__}"
+print(f"peers: torch {torch.__version__}, transformers {transformers.__version__}, "
+      f"lm_eval {version('lm_eval')}")
+PY
+
+if [[ "${1:-}" == "--llama" ]]; then
+    # One compile job at a time: the machine has two cores and is shared. The build
+    # is stopped after LLAMA_BUILD_MINUTES (default 25), and run.py then skips llama.cpp.
+    start=$(date +%s)
+    status=ok
+    CMAKE_BUILD_PARALLEL_LEVEL=1 timeout "${LLAMA_BUILD_MINUTES:-25}m" \
+        "${pip[@]}" llama-cpp-python || status=$([[ $? == 124 ]] && echo "timed out" || echo failed)
+    seconds=$(( $(date +%s) - start ))
+    printf '{"status": "%s", "seconds": %d}\n' "$status" "$seconds" > "$venv/llama-build.json"
+    echo "llama-cpp-python build: $status after ${seconds}s"
+fi
