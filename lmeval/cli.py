@@ -174,10 +174,16 @@ def add_scoring_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--logits-chunk-size",
         type=int,
-        help="positions whose logits are held at once (default: 256 MiB of float32 logits)",
+        help="positions whose logits are held at once (default: 64 MiB of float32 logits)",
     )
     group.add_argument("--padding-side", choices=PADDING_SIDES, help="default right")
     group.add_argument("--threads", type=int, help="CPU threads (default: all available cores)")
+    group.add_argument(
+        "--compile",
+        action="store_true",
+        default=None,
+        help="compile the decoder with torch.compile (the first batch pays for compiling)",
+    )
 
 
 def add_output_arguments(parser: argparse.ArgumentParser, resume: bool = True) -> None:

@@ -69,6 +69,7 @@ class RunConfig:
     trust_remote_code: bool = False
     cache_dir: str | None = None
     threads: int | None = None
+    compile: bool = False
     output: str | None = None
     resume: bool = False
     json: bool = False
@@ -87,6 +88,7 @@ _TYPES = {
     "logits_chunk_size": int,
     "threads": int,
     "trust_remote_code": bool,
+    "compile": bool,
     "resume": bool,
     "json": bool,
     "progress": bool,

@@ -130,6 +130,7 @@ class KLConfig:
     trust_remote_code: bool = False
     cache_dir: str | None = None
     threads: int | None = None
+    compile: bool = False
     save_reference: str | None = None
     reference_cache: str | None = None
     cache_format: str | None = None
@@ -154,6 +155,7 @@ KL_CONFIG_TYPES = {
     "cache_top_k": int,
     "worst_tokens": int,
     "trust_remote_code": bool,
+    "compile": bool,
     "resume": bool,
     "json": bool,
     "progress": bool,
@@ -402,6 +404,7 @@ def _load_sides(config: KLConfig, cache: ReferenceCache | None, device: str) -> 
         "cache_dir": config.cache_dir,
         "device_map": config.device_map,
         "max_memory": parse_max_memory(config.max_memory) if config.max_memory else None,
+        "compile": config.compile,
     }
     reference = None
     if cache is None:

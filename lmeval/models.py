@@ -182,6 +182,7 @@ def load_model(
     cache_dir: str | Path | None = None,
     device_map: str | None = None,
     max_memory: dict[int | str, int] | None = None,
+    compile: bool = False,
 ) -> LoadedModel:
     """Load the causal language model and tokenizer that ``spec`` names.
 
@@ -197,6 +198,7 @@ def load_model(
             the layers over the GPUs, then the CPU, then disk.
         max_memory: bytes the device map may use per device, keyed by "cpu" or a
             CUDA index (see :func:`lmeval.config.parse_max_memory`).
+        compile: compile the decoder with ``torch.compile`` (see :func:`compile_decoder`).
 
     Raises:
         ConfigError: invalid ``dtype``, ``device`` or ``max_memory`` device.
@@ -217,6 +219,9 @@ def load_model(
     model.requires_grad_(False)
 
     identity = _identity(spec, source, model, tokenizer)
+    if compile:
+        compile_decoder(model)
+    identity["compiled"] = compile
     logger.info(
         "loaded %s (%s, %s parameters, %s on %s) in %.1f s",
         spec,
@@ -227,6 +232,18 @@ def load_model(
         time.perf_counter() - started,
     )
     return LoadedModel(model, tokenizer, identity, identity["max_positions"])
+
+
+def compile_decoder(model: transformers.PreTrainedModel) -> None:
+    """Compile the model's decoder in place with ``torch.compile`` (inductor).
+
+    Only the decoder is compiled, because scoring applies the output layer itself, a
+    chunk of positions at a time. Shapes are marked dynamic so that windows and
+    batches of every length share one compiled graph instead of recompiling for each.
+    The first batch pays for the compilation (a minute or more on a CPU).
+    """
+    logger.info("compiling the decoder of %s with torch.compile", type(model).__name__)
+    model.get_decoder().compile(dynamic=True)
 
 
 def _placement(device_map: str | None, max_memory: dict[int | str, int] | None) -> dict[str, Any]:

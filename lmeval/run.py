@@ -126,6 +126,7 @@ def _run_perplexity(
         cache_dir=config.cache_dir,
         device_map=config.device_map,
         max_memory=parse_max_memory(config.max_memory) if config.max_memory else None,
+        compile=config.compile,
     )
     load_seconds = time.perf_counter() - load_started
     settings = resolve_settings(_settings(config), loaded)

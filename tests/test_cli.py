@@ -122,6 +122,11 @@ RUNS = [
     ),
     # An error found before the model is loaded, so this case is one of the quick ones.
     Case("verbose", (*MODEL, *TEXT, "--limit", "0", "-v", "--no-progress")),
+    Case("eager", (*MODEL, *TEXT, "--window-size", "7", "--output", "{root}/eager", "-q")),
+    Case(
+        "compiled",
+        (*MODEL, *TEXT, "--window-size", "7", "--output", "{root}/compiled", "-q", "--compile"),
+    ),
 ]
 # More option checks, run through lmeval.cli.main in this process: they fail before
 # any model is loaded, so a subprocess would only add start-up time.
@@ -306,6 +311,21 @@ def test_no_progress_hides_every_bar(outcomes):
     assert "\r" not in stderr
     assert "it/s" not in stderr
     assert "INFO lmeval" in stderr
+
+
+def test_compiled_decoder_gives_same_numbers(outcomes, root):
+    # Windows of 7 inputs with a last, shorter one: the compiled graph must serve
+    # both lengths, since its shapes are dynamic.
+    for name in ("eager", "compiled"):
+        outcome = outcomes[name].result()
+        assert outcome.returncode == 0, outcome.stderr
+    eager = json.loads((root / "eager" / "results.json").read_text())
+    compiled = json.loads((root / "compiled" / "results.json").read_text())
+    assert eager["model"]["compiled"] is False
+    assert compiled["model"]["compiled"] is True
+    assert compiled["metrics"]["num_tokens"] == eager["metrics"]["num_tokens"]
+    assert compiled["metrics"]["sum_nll"] == pytest.approx(eager["metrics"]["sum_nll"], rel=1e-5)
+    assert compiled["metrics"]["num_correct"] == eager["metrics"]["num_correct"]
 
 
 @pytest.fixture

@@ -44,6 +44,7 @@ WORDS = ["the", "cat", "sat", "on", "a", "mat", "dog", "ran"]
 SENTENCE = "the cat sat on the mat"
 GGUF_TEXT = "the cat sat on a mat"
 IDENTITY_KEYS = {
+    "compiled",
     "spec",
     "source",
     "path",
@@ -180,6 +181,7 @@ def test_model_dir_identity(model_dir: Path) -> None:
     assert identity["path"] == str(model_dir)
     assert identity["sha256"] == sha256_of(model_dir / "model.safetensors")
     assert identity["revision"] is None
+    assert identity["compiled"] is False
     assert identity["cache_path"] is None
     assert identity["model_class"] == "LlamaForCausalLM"
     assert identity["dtype"] == "float32"
