@@ -88,6 +88,8 @@ class Suite:
     last: tuple[Case, ...] = ()
     probe_seconds: float = 3.0
     probe_size: int = 2048
+    # Window of the torch.compile probes (compile_probe.py), one per dtype.
+    compile_window: int = 2048
 
 
 def _rotation(
@@ -144,6 +146,7 @@ SUITES = {
         ),
         probe_seconds=1.0,
         probe_size=1024,
+        compile_window=256,
     ),
     "full": Suite(
         name="full",
@@ -242,6 +245,7 @@ def main(argv: list[str] | None = None) -> None:
         "data": {"path": str(context.data), "num_articles": len(context.documents)},
         "models": context.models,
         "probes": [],
+        "compile_probes": [],
         "runs": [],
     }
     # The record is rewritten after every run, so a stopped benchmark keeps its data.
@@ -259,6 +263,9 @@ def main(argv: list[str] | None = None) -> None:
                 record["runs"].append(run_case(context, case, 0))
     record["probes"].append(probe_matmul(context, "float32", suite))
     record["probes"].append(probe_matmul(context, "bfloat16", suite))
+    for dtype in ("float32", "bfloat16"):
+        record["compile_probes"].append(probe_compile(context, dtype, suite))
+        save(record, output)
     for case in cases["once"] + cases["last"]:
         record["runs"].append(run_case(context, case, 0, deadline=deadline))
     record["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -593,6 +600,24 @@ def probe_matmul(context: Context, dtype: str, suite: Suite) -> dict:
     return result | {"at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
+def probe_compile(context: Context, dtype: str, suite: Suite) -> dict:
+    """Time the decoder eager and compiled (``lmeval ppl --compile``) in a subprocess."""
+    command = [sys.executable, str(BENCH_DIR / "compile_probe.py"), "--dtype", dtype]
+    command += ["--threads", str(context.threads), "--window-size", str(suite.compile_window)]
+    completed = subprocess.run(command, capture_output=True, text=True, check=False, cwd=REPO)
+    if completed.returncode != 0:
+        logger.error("compile probe (%s) failed: %s", dtype, completed.stderr[-2000:])
+        return {"dtype": dtype, "status": f"exit status {completed.returncode}"}
+    result = json.loads(completed.stdout.splitlines()[-1])
+    logger.info(
+        "torch.compile %s: %.2f s eager, %.2f s compiled per window",
+        dtype,
+        result["eager_seconds"],
+        result["compiled_seconds"],
+    )
+    return result | {"status": "ok", "command": shlex.join(command)}
+
+
 def machine() -> dict:
     """Describe the CPU, its vector extensions, cores and memory."""
     flags: list[str] = []
@@ -615,6 +640,8 @@ def machine() -> dict:
         "amx_flags": sorted(f for f in flags if f.startswith("amx")),
         "avx512_flags": sorted(f for f in flags if f.startswith("avx512")),
         "kernel": platform.release(),
+        # 1, 5 and 15 minute load averages when the benchmark started.
+        "load_average": list(os.getloadavg()),
         "python": platform.python_version(),
     }
 

@@ -189,6 +189,8 @@ def render(record: dict, results_path: Path) -> str:
     lines += ["", "### lmeval across windows, corpus sizes and models", ""]
     lines += _scaling_table(record)
     lines += ["", "### Matmul probes", ""] + _probe_table(record["probes"])
+    lines += ["", "### torch.compile (`--compile`) probes", ""]
+    lines += _compile_table(record.get("compile_probes", []))
     lines += ["", END]
     return "\n".join(lines) + "\n"
 
@@ -212,7 +214,8 @@ def _header(record: dict, results_path: Path) -> list[str]:
         "```",
         "",
         f"- Machine: {machine['cpu']}, {machine['cores_available']} cores available, "
-        f"{machine['memory_bytes'] / GIB:.0f} GiB, no GPU, shared with other jobs.",
+        f"{machine['memory_bytes'] / GIB:.0f} GiB, no GPU; load average "
+        f"{_load_text(machine)} when the run started.",
         f"- CPU flags: {', '.join(machine['vector_flags'])}; AVX-512: {avx512}; AMX: {amx}.",
         f"- lmeval {ours['lmeval']}: torch {ours['torch']}, transformers "
         f"{ours['transformers']}, Python {machine['python']}.",
@@ -222,6 +225,11 @@ def _header(record: dict, results_path: Path) -> list[str]:
         f"(build: {build_text}).",
         f"- Raw results: `{results_path}`; each run's command line is in it.",
     ]
+
+
+def _load_text(machine: dict) -> str:
+    load = machine.get("load_average")
+    return " / ".join(f"{value:.2f}" for value in load) + " (1/5/15 min)" if load else "unknown"
 
 
 def _target_table(checks: list[dict]) -> list[str]:
@@ -388,6 +396,30 @@ def _probe_table(probes: list[dict]) -> list[str]:
         lines.append(
             f"| {probe['at'][11:19]} | {probe['dtype']} | {probe['size']} | {probe['threads']} | "
             f"{probe['flops_per_second'] / 1e9:.1f} | {probe['max_flops_per_second'] / 1e9:.1f} |"
+        )
+    return lines
+
+
+def _compile_table(probes: list[dict]) -> list[str]:
+    if not probes:
+        return ["Not run."]
+    lines = [
+        "`benchmarks/compile_probe.py`: one forward pass of the decoder on one window, "
+        "eager and compiled (median of 3 after a warm-up); the first compiled call "
+        "includes the compilation.",
+        "",
+        "| dtype | window | eager s | compiled s | speedup | first compiled call s | "
+        "max abs difference |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for probe in probes:
+        if probe.get("status") != "ok":
+            lines.append(f"| {probe['dtype']} | | {probe.get('status')} | | | | |")
+            continue
+        lines.append(
+            f"| {probe['dtype']} | {probe['window_size']} | {probe['eager_seconds']:.3f} | "
+            f"{probe['compiled_seconds']:.3f} | {probe['speedup']:.2f}x | "
+            f"{probe['first_compiled_call_seconds']:.0f} | {probe['max_abs_difference']:.1e} |"
         )
     return lines
 
