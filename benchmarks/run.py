@@ -121,6 +121,7 @@ def _rotation(
         Case(tool="naive", batch_size=1, max_repeats=1, **peers),
         Case(tool="lmeval", **pair),
         Case(tool="lmeval", dtype="bfloat16", **pair),
+        Case(tool="lm-eval", dtype="bfloat16", batch_size=lm_eval_batch, **pair),
         Case(tool="lmeval", **chunks),
         Case(tool="llama.cpp", batch_size=2048, **chunks),
         Case(tool="llama.cpp", dtype="gguf", batch_size=2048, **chunks),
@@ -142,7 +143,14 @@ SUITES = {
             llama_chunks=4,
         ),
         once=(
-            Case(group="memory", tool="lmeval", model="gemma3-270m", window_size=512, articles=1),
+            Case(
+                group="memory",
+                tool="lmeval",
+                model="gemma3-270m",
+                window_size=512,
+                articles=1,
+                batch_size=1,
+            ),
         ),
         probe_seconds=1.0,
         probe_size=1024,
@@ -161,7 +169,16 @@ SUITES = {
             llama_chunks=100,
         ),
         between=(
-            Case(group="memory", tool="lmeval", model="gemma3-270m", window_size=4096, articles=2),
+            # Batch size 1, lmeval's default: --batch-size auto fills free memory with
+            # more windows per batch, which is a speed setting, not a memory bound.
+            Case(
+                group="memory",
+                tool="lmeval",
+                model="gemma3-270m",
+                window_size=4096,
+                articles=2,
+                batch_size=1,
+            ),
         ),
         # The second article (5,324 tokens) is the longest of the first two, so at
         # window 8192 the largest window holds 5,324 tokens.

@@ -55,7 +55,12 @@ def targets(record: dict) -> list[dict]:
     runs = record["runs"]
     lmeval = _ok(runs, group="peers", tool="lmeval", dtype="float32")
     checks = [
-        _speed_target(lmeval, _ok(runs, group="peers", tool="lm-eval", dtype="float32")),
+        _speed_target(lmeval, _ok(runs, group="peers", tool="lm-eval", dtype="float32"), "float32"),
+        _speed_target(
+            _ok(runs, group="bf16", tool="lmeval", dtype="bfloat16"),
+            _ok(runs, group="bf16", tool="lm-eval", dtype="bfloat16"),
+            "bfloat16",
+        ),
         _bf16_target(
             _ok(runs, group="bf16", tool="lmeval", dtype="float32"),
             _ok(runs, group="bf16", tool="lmeval", dtype="bfloat16"),
@@ -68,9 +73,9 @@ def targets(record: dict) -> list[dict]:
     return checks
 
 
-def _speed_target(lmeval: list[dict], lm_eval: list[dict]) -> dict:
+def _speed_target(lmeval: list[dict], lm_eval: list[dict], dtype: str) -> dict:
     check = {
-        "name": "lmeval vs lm-evaluation-harness tokens/s, float32",
+        "name": f"lmeval vs lm-evaluation-harness tokens/s, {dtype}",
         "required": f">= {SPEED_RATIO}x, perplexity within {PERPLEXITY_AGREEMENT:.1%}",
     }
     if not (lmeval and lm_eval):
@@ -183,7 +188,10 @@ def render(record: dict, results_path: Path) -> str:
     lines = [BEGIN, "", f"## Speed and memory, side by side (`--suite {record['suite']}`)", ""]
     lines += _header(record, results_path)
     lines += ["", "### Targets", ""] + _target_table(record["targets"])
-    lines += ["", "### Same text, weights, window and threads", ""] + _peer_table(record)
+    lines += ["", "### Same text, weights, window and threads", ""]
+    lines += _peer_table(record, "peers")
+    lines += ["", "### bfloat16 against float32, and against lm-evaluation-harness", ""]
+    lines += _peer_table(record, "bf16")
     lines += ["", "### llama.cpp's protocol: lmeval beside `llama-perplexity`", ""]
     lines += _llama_table(record)
     lines += ["", "### lmeval across windows, corpus sizes and models", ""]
@@ -247,16 +255,17 @@ def _tool_name(run: dict) -> str:
     return run["tool"] if run["tool"] != "lmeval" else f"lmeval {run['dtype']}"
 
 
-def _peer_table(record: dict) -> list[str]:
-    runs = [run for run in record["runs"] if run["group"] == "peers"]
+def _peer_table(record: dict, group_name: str) -> list[str]:
+    runs = [run for run in record["runs"] if run["group"] == group_name]
     if not runs:
-        return ["No peer runs."]
+        return ["No runs."]
     reference = _ok(runs, tool="lmeval", dtype="float32")
     first = runs[0]
+    naive_note = ", and the naive loop ran in the first only" if _ok(runs, tool="naive") else ""
     lines = [
         f"{first['model']}, first {first['articles']} WikiText-2 test articles, window "
-        f"{first['window_size']}. The tools alternated over {record['repeats']} rounds, "
-        "and the naive loop ran in the first only. Tokens/s is scored tokens over the "
+        f"{first['window_size']}. The tools alternated over {record['repeats']} rounds"
+        f"{naive_note}. Tokens/s is scored tokens over the "
         "scoring time the tool measures (model load excluded), and wall time is the "
         "whole subprocess. Tokens per CPU-second divides by the user and system time "
         "of the whole subprocess (start-up and load included), which other jobs on the "
