@@ -88,7 +88,7 @@ class Suite:
     last: tuple[Case, ...] = ()
     probe_seconds: float = 3.0
     probe_size: int = 2048
-    # Window of the torch.compile probes (compile_probe.py), one per dtype.
+    # Window of the torch.compile probes (compile_probe.py), one per dtype; 0 for none.
     compile_window: int = 2048
 
 
@@ -155,6 +155,22 @@ SUITES = {
         probe_seconds=1.0,
         probe_size=1024,
         compile_window=256,
+    ),
+    # The peer comparison and the bfloat16 pair of the full suite alone (add
+    # --tools lmeval lm-eval naive to leave out llama.cpp): a rerun after a change
+    # to lmeval's scoring, in a few minutes.
+    "peers": Suite(
+        name="peers",
+        repeats=2,
+        rotation=_rotation(
+            window_size=2048,
+            articles=2,
+            lm_eval_batch=4,
+            bf16_articles=1,
+            llama_window=512,
+            llama_chunks=100,
+        ),
+        compile_window=0,
     ),
     "full": Suite(
         name="full",
@@ -280,7 +296,7 @@ def main(argv: list[str] | None = None) -> None:
                 record["runs"].append(run_case(context, case, 0))
     record["probes"].append(probe_matmul(context, "float32", suite))
     record["probes"].append(probe_matmul(context, "bfloat16", suite))
-    for dtype in ("float32", "bfloat16"):
+    for dtype in ("float32", "bfloat16") if suite.compile_window else ():
         record["compile_probes"].append(probe_compile(context, dtype, suite))
         save(record, output)
     for case in cases["once"] + cases["last"]:

@@ -149,7 +149,12 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--limit", type=int, help="score only the first N documents")
 
 
-def add_scoring_arguments(parser: argparse.ArgumentParser) -> None:
+# lmeval.scoring.CHUNK_BYTES in MiB, written out so that --help imports no torch.
+CHUNK_MIB = 64
+
+
+def add_scoring_arguments(parser: argparse.ArgumentParser, chunk_mib: int = CHUNK_MIB) -> None:
+    """Add the windowing and batching options; ``chunk_mib`` is the logits chunk default."""
     group = parser.add_argument_group("scoring")
     group.add_argument(
         "--protocol",
@@ -174,7 +179,8 @@ def add_scoring_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--logits-chunk-size",
         type=int,
-        help="positions whose logits are held at once (default: 64 MiB of float32 logits)",
+        help=f"positions whose logits are held at once (default: {chunk_mib} MiB of "
+        "float32 logits per model)",
     )
     group.add_argument("--padding-side", choices=PADDING_SIDES, help="default right")
     group.add_argument("--threads", type=int, help="CPU threads (default: all available cores)")

@@ -2,11 +2,14 @@
 
 A difference is called outside the error bars by one of three tests, named in each row:
 
-- ``paired z-test``: for ppl metrics, when both runs' documents.jsonl rows cover the
+- ``paired t-test``: for ppl metrics, when both runs' documents.jsonl rows cover the
   same two or more documents. The per-document difference of the metric's ratio
   (sum NLL over tokens, bytes or words; correct over tokens) gets a delta-method
-  standard error, and the difference is outside when it exceeds 1.96 of them. This
-  is the test for two models on the same text.
+  standard error from the n documents, and the difference is outside when it exceeds
+  the two-sided 95% quantile of Student's t with n - 1 degrees of freedom times that
+  error: 12.7 for two documents, 2.26 for ten, 1.98 for a hundred. The standard error
+  of a handful of documents is itself uncertain, which 1.96 would ignore. This is the
+  test for two models on the same text.
 
 - ``z-test``: otherwise, where both runs store a standard error for the metric (mean NLL, and so
   perplexity; accuracy; the KL metrics), ``|b - a| / sqrt(se_a^2 + se_b^2) > 1.96``.
@@ -292,8 +295,8 @@ def _compare_metric(
             [row[numerator] for row in rows_b],
             [row[denominator] for row in rows_b],
         )
-        outside = z_test_outside(0.0, stderr, ratio_difference, 0.0)
-        test = f"paired z-test, {len(rows_a)} documents"
+        outside = t_test_outside(ratio_difference, stderr, len(rows_a) - 1)
+        test = f"paired t-test, {len(rows_a)} documents"
     elif spec.stderr is not None:
         test = "z-test" if spec.tested_on is None else f"z-test on {spec.tested_on}"
         outside = z_test_outside(
@@ -323,6 +326,20 @@ def z_test_outside(
     if scale == 0:
         return value_a != value_b
     return abs(value_b - value_a) / scale > Z_95
+
+
+def t_test_outside(difference: float, stderr: float | None, degrees_of_freedom: int) -> bool | None:
+    """Return whether ``|difference|`` exceeds Student's t 97.5% quantile times ``stderr``.
+
+    Returns None when the standard error is missing or not finite.
+    """
+    from scipy.stats import t as student_t
+
+    if stderr is None or not math.isfinite(stderr) or not math.isfinite(difference):
+        return None
+    if stderr == 0:
+        return bool(difference != 0)
+    return bool(abs(difference) / stderr > float(student_t.ppf(0.975, degrees_of_freedom)))
 
 
 def intervals_disjoint(a: Sequence[float] | None, b: Sequence[float] | None) -> bool | None:
@@ -390,7 +407,7 @@ def add_compare_command(commands: argparse._SubParsersAction) -> None:
         help="compare two runs metric by metric",
         description="Print each metric of two runs, their difference b - a, and whether "
         "the difference is outside the error bars (a z-test on the standard errors where "
-        "results.json has them, else non-overlapping 95%% intervals).",
+        "results.json has them, else non-overlapping 95% intervals).",
         epilog="example:\n  lmeval compare results/base results/finetuned",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -419,8 +436,9 @@ def run_compare_command(args: argparse.Namespace) -> int:
     for name, path, results in (("A", args.run_a, a), ("B", args.run_b, b)):
         print(f"{name} = {path} ({_model_label(results.get('model') or {})})")
     print(
-        "paired z-test: |B - A| > 1.96 standard errors of the per-document differences; "
-        "z-test: |B - A| > 1.96 combined standard errors, the runs taken as independent"
+        "paired t-test: |B - A| > t(0.975, documents - 1) standard errors of the "
+        "per-document differences; z-test: |B - A| > 1.96 combined standard errors, the "
+        "runs taken as independent"
     )
     return 0
 

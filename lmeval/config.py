@@ -114,6 +114,8 @@ def load_config_file(
             keys or values of the wrong type.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"--config {str(path)!r} is a directory; pass a YAML file")
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} not found; check the --config path")
     try:

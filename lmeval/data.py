@@ -197,15 +197,28 @@ def _field_texts(rows: Any, text_field: str, source: str) -> list[str]:
             f"{', '.join(rows.column_names)}; choose one with --text-field"
         )
     texts = []
+    missing = 0
     for index, value in enumerate(rows[text_field]):
         if value is None:
-            value = ""  # an empty CSV cell or a JSON null: kept as an empty document
+            # An empty CSV cell, a JSON null or a row without the field: kept as an
+            # empty document, so that row numbers and document indices stay aligned.
+            value = ""
+            missing += 1
         if not isinstance(value, str):
             raise DataError(
                 f"row {index} of {source}: field {text_field!r} is "
                 f"{type(value).__name__} {value!r}, expected a string"
             )
         texts.append(value)
+    if missing:
+        logger.warning(
+            "%d of %d rows of %s have no %r value (missing, null or an empty cell); "
+            "they are kept as empty documents and skipped",
+            missing,
+            len(texts),
+            source,
+            text_field,
+        )
     return texts
 
 
@@ -488,6 +501,13 @@ def _read(plan: _Plan) -> tuple[list[str], list[str | None], dict[str, Any]]:
         texts, source = _read_local_files(plan.paths, plan.locals_)
     if plan.titles == "wikitext-heading":
         headings = [wikitext_title(text) for text in texts]
+        if not any(headings):
+            logger.warning(
+                "no WikiText article heading (a line ' = Title = ') in %s, so its text is "
+                "scored as %d untitled document(s); check that the data is WikiText raw",
+                ", ".join(str(path) for path in plan.paths) or "the data",
+                len(texts),
+            )
         titles = [_normalize_title(heading, plan) for heading in headings]
         return texts, titles, source
     return texts, [None] * len(texts), source

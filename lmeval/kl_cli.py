@@ -41,6 +41,8 @@ examples:
 
 #: Rows of the worst-token list printed under the table.
 PRINTED_WORST_TOKENS = 5
+# lmeval.kl_scoring.KL_CHUNK_BYTES in MiB, written out so that --help imports no torch.
+KL_CHUNK_MIB = 32
 
 
 def add_kl_commands(commands: argparse._SubParsersAction) -> None:
@@ -61,7 +63,7 @@ def add_kl_commands(commands: argparse._SubParsersAction) -> None:
     add_model_arguments(kl)
     _add_reference_arguments(kl, save=True)
     add_data_arguments(kl)
-    add_scoring_arguments(kl)
+    add_scoring_arguments(kl, chunk_mib=KL_CHUNK_MIB)
     add_output_arguments(kl, resume=False)
     _add_report_arguments(kl)
     kl.set_defaults(handler=run_kl_command)
@@ -87,7 +89,7 @@ def add_kl_commands(commands: argparse._SubParsersAction) -> None:
     add_model_arguments(drift)
     _add_reference_arguments(drift, save=False)
     add_data_arguments(drift)
-    add_scoring_arguments(drift)
+    add_scoring_arguments(drift, chunk_mib=KL_CHUNK_MIB)
     add_output_arguments(drift, resume=False)
     _add_report_arguments(drift)
     drift.set_defaults(handler=run_drift_command)

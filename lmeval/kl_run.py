@@ -56,6 +56,7 @@ from lmeval.results import (
     RESULTS_FILE,
     OutputDirectory,
     RankRows,
+    check_output_directory,
     environment,
     fingerprint,
     finished_results,
@@ -310,6 +311,8 @@ def run_kl(
         ScoringError: when nothing was scored or a model returned NaN.
     """
     check_kl_config(config)
+    if config.output:
+        check_output_directory(config.output)
     with joined(group, config.device, config.device_map) as group:
         return _run_kl(config, progress_bar, group, skip_finished)
 

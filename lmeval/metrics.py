@@ -90,6 +90,18 @@ class Interval:
             return Interval(function(self.value), None, None, None)
         return Interval(function(self.value), None, function(self.low), function(self.high))
 
+    def clipped(self, minimum: float, maximum: float = math.inf) -> Interval:
+        """Clip the bounds to the range that the quantity can take.
+
+        A normal interval can leave that range, for example the interval of an accuracy
+        near 0 or 1 measured on a few tokens.
+        """
+        if self.low is None or self.high is None:
+            return self
+        low = min(max(self.low, minimum), maximum)
+        high = min(max(self.high, minimum), maximum)
+        return Interval(self.value, self.stderr, low, high)
+
 
 def ratio_interval(numerators: Sequence[float], denominators: Sequence[float]) -> Interval:
     """Estimate ``sum(numerators) / sum(denominators)`` with a delta-method interval.

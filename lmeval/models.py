@@ -441,8 +441,8 @@ def _build_cache_entry(gguf_path: Path, entry: Path) -> None:
         partial.mkdir(parents=True)
     except OSError as error:
         raise ModelError(
-            f"failed to write the GGUF cache in {str(entry.parent)!r}: {error}; set "
-            f"{CACHE_DIR_ENV} or pass cache_dir to a writable directory"
+            f"failed to write the GGUF cache in {str(entry.parent)!r}: {error}; point "
+            f"--cache-dir (or {CACHE_DIR_ENV}) to a writable directory"
         ) from error
 
     try:

@@ -435,6 +435,9 @@ def corpus_metrics(documents: Sequence[DocumentResult], protocol: str) -> dict:
         )
     sum_nll = sum(document.sum_nll for document in scored)
     nll, accuracy, per_word, per_byte = _intervals(scored, protocol)
+    # NLL is never negative and accuracy is a fraction; normal intervals ignore both.
+    nll, per_word, per_byte = (interval.clipped(0.0) for interval in (nll, per_word, per_byte))
+    accuracy = accuracy.clipped(0.0, 1.0)
     values = {
         "perplexity": nll.mapped(metrics.perplexity),
         "mean_nll": nll,

@@ -250,7 +250,13 @@ class CacheWriter:
             format_bytes(self.size),
             self.path,
         )
-        self._maps = _create_file(self._partial, self.layout, self.metadata)
+        try:
+            self._maps = _create_file(self._partial, self.layout, self.metadata)
+        except OSError as error:
+            raise ConfigError(
+                f"cannot write --save-reference {str(self.path)!r}: {error}; choose a "
+                "writable directory"
+            ) from error
 
     def _check_space(self) -> None:
         directory = self.path.parent if str(self.path.parent) else Path(".")

@@ -725,10 +725,18 @@ def write_report(run_dirs: list[str], output: str | Path) -> tuple[Path, Path]:
     if html_path.is_dir():
         html_path = html_path / "report.html"
     markdown_path = html_path.with_suffix(".md")
-    html_path.parent.mkdir(parents=True, exist_ok=True)
-    html_path.write_text(render_html(title, sources, sections), encoding="utf-8")
-    images = markdown_path.parent / f"{markdown_path.stem}_files"
-    markdown_path.write_text(render_markdown(title, sources, sections, images), encoding="utf-8")
+    try:
+        html_path.parent.mkdir(parents=True, exist_ok=True)
+        html_path.write_text(render_html(title, sources, sections), encoding="utf-8")
+        images = markdown_path.parent / f"{markdown_path.stem}_files"
+        markdown_path.write_text(
+            render_markdown(title, sources, sections, images), encoding="utf-8"
+        )
+    except OSError as error:
+        raise ConfigError(
+            f"cannot write the report to {str(html_path)!r}: {error}; pass --output "
+            "with a writable path"
+        ) from error
     return html_path, markdown_path
 
 

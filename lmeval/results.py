@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import logging
 import math
 import os
 import platform
@@ -25,6 +26,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from lmeval.errors import ConfigError
+
+logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
 DOCUMENTS_FILE = "documents.jsonl"
@@ -40,6 +43,29 @@ LIBRARIES = (
     "numpy",
     "gguf",
 )
+
+
+def check_output_directory(path: str | Path) -> None:
+    """Create ``path`` if needed and check that files can be written there.
+
+    Runs before the model is loaded, so that a wrong --output fails at once rather
+    than after a load that can take minutes.
+
+    Raises:
+        ConfigError: ``path`` is a file, or cannot be created or written to.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--output {str(path)!r} is a file, not a directory")
+    probe = path / f".write-test-{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise ConfigError(
+            f"cannot write to --output {str(path)!r}: {error}; choose a writable directory"
+        ) from error
 
 
 def write_json_atomic(path: Path, value: Any) -> None:
@@ -137,6 +163,11 @@ class OutputDirectory:
             self.finished_rows = self._read_all_rows()
         else:
             self._check_no_outputs()
+            if resume:
+                logger.warning(
+                    "--resume: %s holds no run to resume, so a new run starts there",
+                    self.path,
+                )
         try:
             write_json_atomic(config_path, {"fingerprint": key, "run": self.run})
             self._rewrite_rows()

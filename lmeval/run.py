@@ -15,7 +15,7 @@ import torch
 
 from lmeval.config import RunConfig, parse_max_memory, validate_config
 from lmeval.data import load_corpus
-from lmeval.diagnostics import compute_diagnostics
+from lmeval.diagnostics import compute_diagnostics, document_summary
 from lmeval.distributed import (
     ProcessGroup,
     SingleProcess,
@@ -41,6 +41,7 @@ from lmeval.results import (
     RESULTS_FILE,
     OutputDirectory,
     RankRows,
+    check_output_directory,
     environment,
     finished_results,
     library_versions,
@@ -92,6 +93,8 @@ def run_perplexity(
         )
     if save_tokens and not config.output:
         raise ConfigError("--save-tokens needs --output DIR, the directory tokens.parquet goes to")
+    if config.output:
+        check_output_directory(config.output)
     with joined(group, config.device, config.device_map) as group:
         return _run_perplexity(config, progress_bar, save_tokens, group, skip_finished)
 
@@ -252,6 +255,11 @@ def _finish(
         if group.world_size > 1:
             output.merge_rows(output.finished_rows + [d.row() for d in documents])
         documents = sorted(resumed + documents, key=lambda document: document.index)
+        scored = [d for d in documents if d.skipped is None]
+        if resumed and scored:
+            # Per-document sums survive in documents.jsonl, so the document percentiles
+            # and worst documents of a resumed run cover every document.
+            diagnostics["documents"] = document_summary(scored)
     total = timing["tokens_scored"]
     scoring_seconds = timing["scoring_seconds"]
     results = {

@@ -32,6 +32,12 @@ logger = logging.getLogger(__name__)
 #: window peaked at 1.89 GiB RSS on a 2-core CPU, against 2.26 GiB at 256 MiB.
 CHUNK_BYTES = 64 * 2**20
 MAX_AUTO_BATCH_SIZE = 64
+#: Input tokens per forward pass that --batch-size auto aims at on a CPU. The matmuls
+#: of a 2048-token window are already large enough to keep the cores busy, and bigger
+#: batches only add activation memory: on a 2-core AMD EPYC (Zen 4), SmolLM2 scored
+#: WikiText-2 12-23% faster with one window of 2048 or four of 512 per batch than with
+#: the 23 to 64 windows that free memory allowed (benchmarks/, BENCHMARKS.md).
+CPU_BATCH_TOKENS = 2048
 
 
 @dataclass
@@ -332,10 +338,13 @@ def prefix_token_id(tokenizer) -> int:
 
 
 def auto_batch_size(model: PreTrainedModel, window_tokens: int) -> int:
-    """Estimate the largest batch of ``window_tokens``-long windows that fits memory.
+    """Choose how many ``window_tokens``-long windows to score per forward pass.
 
-    NOTE: this is an estimate from activation sizes and free memory, not a trial run;
-    on CUDA it uses the free device memory, on CPU the available system memory.
+    On CUDA: the largest batch that fits the free device memory. On a CPU: enough
+    windows for :data:`CPU_BATCH_TOKENS` input tokens, at least one, and no more than
+    the available system memory allows.
+
+    NOTE: the memory limit is an estimate from activation sizes, not a trial run.
     """
     config = model.config
     hidden = getattr(config, "hidden_size", 1024)
@@ -345,8 +354,12 @@ def auto_batch_size(model: PreTrainedModel, window_tokens: int) -> int:
     # Live activations of one layer per token, plus the attention scores [heads, T, T].
     per_window = window_tokens * (8 * hidden + 3 * intermediate) * element
     per_window += heads * window_tokens**2 * 4
-    budget = _free_memory(next(model.parameters()).device) // 4
-    return int(max(1, min(MAX_AUTO_BATCH_SIZE, budget // max(per_window, 1))))
+    device = next(model.parameters()).device
+    budget = _free_memory(device) // 4
+    largest = MAX_AUTO_BATCH_SIZE
+    if device.type == "cpu":
+        largest = min(largest, max(1, CPU_BATCH_TOKENS // window_tokens))
+    return int(max(1, min(largest, budget // max(per_window, 1))))
 
 
 def _free_memory(device: torch.device) -> int:

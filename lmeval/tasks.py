@@ -222,6 +222,8 @@ def find_task_file(task: str) -> Path:
     """Return the task file for a task name or for a path to a YAML file."""
     if task.endswith((".yaml", ".yml")) or "/" in task:
         path = Path(task)
+        if path.is_dir():
+            raise ConfigError(f"--task {task!r} is a directory; pass a task name or a YAML file")
         if not path.is_file():
             raise ConfigError(f"task file not found: {task}")
         return path

@@ -137,6 +137,22 @@ IN_PROCESS_ERRORS = [
         ("--padding-side 'middle'", "--protocol 'strided'", "--dtype 'float8'"),
     ),
     Case("window-size-zero", (*MODEL, *TEXT, "--window-size", "0"), ("--window-size", "got 0")),
+    # The model does not exist either: --output is checked before the model loads.
+    Case(
+        "output-file-before-load",
+        ("--model", "{root}/no-such-model", *TEXT, "--output", "{root}/good.txt"),
+        ("--output", "{root}/good.txt", "is a file"),
+    ),
+    Case(
+        "config-directory",
+        (*MODEL, *TEXT, "--config", "{root}/not-a-model"),
+        ("--config", "{root}/not-a-model", "is a directory"),
+    ),
+    Case(
+        "task-directory",
+        (*MODEL, "--task", "{root}/not-a-model"),
+        ("--task", "{root}/not-a-model", "is a directory"),
+    ),
     Case(
         "limit-zero-llama-cpp",
         (*MODEL, *TEXT, "--protocol", "llama-cpp", "--limit", "0"),
@@ -370,3 +386,13 @@ def test_run_prints_table_and_progress(main_in_process, capsys, root):
     assert lines[0].startswith("perplexity ")
     assert data_line.split(None, 1)[1] == str(root / "good.txt")
     assert "scoring: 100%" in captured.err
+
+
+def test_help_chunk_defaults_match_scorers():
+    from lmeval.cli import CHUNK_MIB
+    from lmeval.kl_cli import KL_CHUNK_MIB
+    from lmeval.kl_scoring import KL_CHUNK_BYTES
+    from lmeval.scoring import CHUNK_BYTES
+
+    assert CHUNK_MIB * 2**20 == CHUNK_BYTES
+    assert KL_CHUNK_MIB * 2**20 == KL_CHUNK_BYTES

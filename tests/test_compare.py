@@ -12,6 +12,7 @@ from lmeval.compare import (
     intervals_disjoint,
     paired_ratio_difference,
     setting_differences,
+    t_test_outside,
     z_test_outside,
 )
 from lmeval.errors import ConfigError
@@ -171,10 +172,27 @@ def test_paired_test_sees_consistent_shift():
     independent = rows_by_name(a, b)["mean_nll"]
     assert independent.outside is False
     paired = {row.name: row for row in compare_results(a, b, rows_a, rows_b)}
-    assert paired["mean_nll"].test == "paired z-test, 3 documents"
+    assert paired["mean_nll"].test == "paired t-test, 3 documents"
     # Every difference is exactly 0.05 per token, so the standard error is zero.
     assert paired["mean_nll"].outside is True
     assert paired["perplexity"].outside is True
+
+
+def test_paired_test_two_documents_uses_t():
+    # Differences of 1 and 2 tokens in 100: mean 0.015, standard error 0.005, so
+    # z = 3. That passes 1.96, but not t(0.975, 1 degree of freedom) = 12.71.
+    a, b = ppl_results(3.0, 0.5), ppl_results(3.0, 0.5)
+    rows_a = document_rows([100.0, 100.0], [100, 100])
+    rows_b = document_rows([101.0, 102.0], [100, 100])
+    paired = {row.name: row for row in compare_results(a, b, rows_a, rows_b)}
+    assert paired["mean_nll"].test == "paired t-test, 2 documents"
+    assert paired["mean_nll"].outside is False
+
+
+def test_t_test_threshold_by_degrees_of_freedom():
+    # 2.5 standard errors: outside with 100 documents (t = 1.98), not with 5 (t = 2.78).
+    assert t_test_outside(0.25, 0.1, 99) is True
+    assert t_test_outside(0.25, 0.1, 4) is False
 
 
 def test_paired_test_needs_same_documents():

@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -192,6 +193,22 @@ def test_wikitext_task_local_file(tmp_path):
     assert corpus.documents[1].original_text == " = Second ( film ) = \n Body two . \n"
 
 
+def test_wikitext_task_without_headings_warns(tmp_path, caplog):
+    path = write(tmp_path / "notes.txt", "Plain notes.\nNo headings here.\n")
+    with caplog.at_level(logging.WARNING, logger="lmeval.data"):
+        corpus = load_corpus(task="wikitext2", data_files=[path])
+    assert len(corpus.documents) == 1
+    assert "no WikiText article heading" in caplog.text
+    assert "notes.txt" in caplog.text
+
+
+def test_wikitext_task_with_headings_no_warning(tmp_path, caplog):
+    path = write(tmp_path / "wiki.test.raw", RAW_WIKITEXT)
+    with caplog.at_level(logging.WARNING, logger="lmeval.data"):
+        load_corpus(task="wikitext2", data_files=[path])
+    assert "heading" not in caplog.text
+
+
 def test_wikitext_task_identity(tmp_path):
     path = write(tmp_path / "wiki.test.raw", RAW_WIKITEXT)
     identity = load_corpus(task="wikitext2", data_files=[path]).identity
@@ -299,6 +316,15 @@ def test_structured_identity(tmp_path, name):
 def test_jsonl_null_is_empty_document(tmp_path):
     path = write_jsonl(tmp_path / "a.jsonl", [{"text": "a"}, {"text": None}])
     assert texts(load_corpus(data=path)) == ["a", ""]
+
+
+def test_jsonl_missing_field_warns(tmp_path, caplog):
+    path = write_jsonl(tmp_path / "a.jsonl", [{"text": "a"}, {"body": "b"}, {"text": "c"}])
+    with caplog.at_level(logging.WARNING, logger="lmeval.data"):
+        corpus = load_corpus(data=path)
+    assert texts(corpus) == ["a", "", "c"]
+    assert "1 of 3 rows" in caplog.text
+    assert "'text'" in caplog.text
 
 
 def test_csv_empty_cell_is_empty_document(tmp_path):

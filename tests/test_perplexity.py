@@ -11,6 +11,7 @@ from lmeval.data import Corpus, Document
 from lmeval.errors import ConfigError, ScoringError
 from lmeval.models import LoadedModel
 from lmeval.perplexity import (
+    DocumentResult,
     ScoringSettings,
     corpus_metrics,
     resolve_settings,
@@ -208,3 +209,25 @@ def test_documents_reported_before_run_ends(tiny):
     # after a few batches, not after all 24.
     assert events.index("document") < 8
     assert events.count("document") == 12
+
+
+def test_intervals_stay_in_range():
+    # One document of 5 tokens with 2 correct: the normal interval of the accuracy,
+    # 0.4 +- 1.96 * 0.245, would reach below 0. Per-token NLLs 0.1, 0.1, 0.1, 0.1, 5.
+    document = DocumentResult(
+        index=0,
+        id="0",
+        title=None,
+        num_tokens=5,
+        num_words=3,
+        num_bytes=20,
+        sum_nll=5.4,
+        sum_nll_squared=4 * 0.01 + 25.0,
+        num_correct=2,
+    )
+    metrics = corpus_metrics([document], "rolling")
+    assert metrics["accuracy_interval"][0] == 0.0
+    assert metrics["accuracy_interval"][1] < 1.0
+    assert metrics["mean_nll_interval"][0] == 0.0
+    assert metrics["perplexity_interval"][0] == 1.0
+    assert metrics["bits_per_byte_interval"][0] >= 0.0

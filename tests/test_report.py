@@ -118,7 +118,7 @@ def test_report_of_two_runs_compares(run_dir, tmp_path, capsys):
     page = output.read_text()
     assert "Comparison" in page
     # The same documents in both runs, so the paired test is used.
-    assert re.search(r"no \(paired z-test, \d+ documents\)", page)
+    assert re.search(r"no \(paired t-test, \d+ documents\)", page)
     assert "differ in more than the model" not in page
     assert (tmp_path / "both.md").exists()
 
@@ -149,6 +149,16 @@ def test_report_of_checkpoint_series(run_dir, tmp_path):
     assert "Comparison" in page
     assert "1: checkpoint-20" in page
     assert "2: checkpoint-10" in page
+
+
+def test_report_unwritable_output_is_one_line(run_dir, tmp_path, capsys):
+    (tmp_path / "a-file").write_text("not a directory\n")
+    output = tmp_path / "a-file" / "report.html"
+    assert main(["report", str(run_dir), "--output", str(output)]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith("lmeval: error: cannot write the report to ")
+    assert str(output) in lines[0]
 
 
 def test_report_into_existing_directory(run_dir, tmp_path):

@@ -187,6 +187,8 @@ def test_resume_after_cut_rows(config, partial):
     assert resumed["metrics"] == first["metrics"]
     assert resumed["timing"]["resumed_documents"] == 7
     assert rows_of(config.output) == expected_rows
+    # The per-document summary covers the resumed documents too.
+    assert resumed["diagnostics"]["documents"] == first["diagnostics"]["documents"]
 
 
 @pytest.mark.parametrize("name", [results.DOCUMENTS_FILE, results.RESULTS_FILE])

@@ -9,7 +9,13 @@ from handset import bigram_llama, cycle_table, uniform_llama
 from tiny import make_tiny_llama
 
 from lmeval.errors import ScoringError
-from lmeval.scoring import WindowScorer, prefix_token_id
+from lmeval.scoring import (
+    CPU_BATCH_TOKENS,
+    MAX_AUTO_BATCH_SIZE,
+    WindowScorer,
+    auto_batch_size,
+    prefix_token_id,
+)
 from lmeval.windows import Window, rolling_windows, sliding_windows
 
 VOCAB = 24
@@ -166,3 +172,11 @@ def test_top1_prob_and_entropy_closed_form():
 def test_entropy_omitted_by_default():
     model = bigram_llama(cycle_table(6, 0.7))
     assert WindowScorer(model).score(rolling_windows([1, 2], 0, 8))[0].entropy is None
+
+
+def test_auto_batch_on_cpu_aims_at_batch_tokens():
+    model = make_tiny_llama(16, max_positions=4096, seed=0)
+    assert auto_batch_size(model, 2048) == 1
+    assert auto_batch_size(model, 512) == CPU_BATCH_TOKENS // 512
+    assert auto_batch_size(model, 4096) == 1
+    assert auto_batch_size(model, 1) == MAX_AUTO_BATCH_SIZE
