@@ -128,8 +128,18 @@ def _rotation(
     )
 
 
-# NOTE: the sizes fit about 40 minutes on 2 cores shared with other jobs, where
-# SmolLM2 scored 30-150 tokens/s in float32; a quieter machine can afford more.
+# llama.cpp's 100 chunks of 512 are the setting of lmeval's README comparison.
+FULL_ROTATION = _rotation(
+    window_size=2048,
+    articles=2,
+    lm_eval_batch=4,
+    bf16_articles=1,
+    llama_window=512,
+    llama_chunks=100,
+)
+
+# NOTE: the full suite took 45 minutes on an idle 2-core AMD EPYC (Zen 4), where
+# SmolLM2 scored 290-410 tokens/s in float32; the whole test set took 16 of them.
 SUITES = {
     "quick": Suite(
         name="quick",
@@ -162,28 +172,13 @@ SUITES = {
     "peers": Suite(
         name="peers",
         repeats=2,
-        rotation=_rotation(
-            window_size=2048,
-            articles=2,
-            lm_eval_batch=4,
-            bf16_articles=1,
-            llama_window=512,
-            llama_chunks=100,
-        ),
+        rotation=FULL_ROTATION,
         compile_window=0,
     ),
     "full": Suite(
         name="full",
         repeats=2,
-        # llama.cpp's 100 chunks of 512 are the setting of lmeval's README comparison.
-        rotation=_rotation(
-            window_size=2048,
-            articles=2,
-            lm_eval_batch=4,
-            bf16_articles=1,
-            llama_window=512,
-            llama_chunks=100,
-        ),
+        rotation=FULL_ROTATION,
         between=(
             # Batch size 1, lmeval's default: --batch-size auto fills free memory with
             # more windows per batch, which is a speed setting, not a memory bound.
