@@ -406,8 +406,9 @@ def add_compare_command(commands: argparse._SubParsersAction) -> None:
         "compare",
         help="compare two runs metric by metric",
         description="Print each metric of two runs, their difference b - a, and whether "
-        "the difference is outside the error bars (a z-test on the standard errors where "
-        "results.json has them, else non-overlapping 95% intervals).",
+        "the difference is outside the error bars: a paired t-test over the documents "
+        "when both ppl runs scored the same documents, else a z-test on the standard "
+        "errors where results.json has them, else non-overlapping 95% intervals.",
         epilog="example:\n  lmeval compare results/base results/finetuned",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -435,12 +436,21 @@ def run_compare_command(args: argparse.Namespace) -> int:
     print()
     for name, path, results in (("A", args.run_a, a), ("B", args.run_b, b)):
         print(f"{name} = {path} ({_model_label(results.get('model') or {})})")
-    print(
-        "paired t-test: |B - A| > t(0.975, documents - 1) standard errors of the "
-        "per-document differences; z-test: |B - A| > 1.96 combined standard errors, the "
-        "runs taken as independent"
-    )
+    legends = {
+        "paired t-test": "paired t-test: |B - A| > t(0.975, documents - 1) standard errors "
+        "of the per-document differences",
+        "z-test": "z-test: |B - A| > 1.96 combined standard errors, the runs taken as independent",
+        "95% intervals": "95% intervals: the two intervals do not overlap",
+    }
+    used = [text for name, text in legends.items() if any(_uses(row, name) for row in rows)]
+    if used:
+        print("; ".join(used))
     return 0
+
+
+def _uses(row: ComparisonRow, test: str) -> bool:
+    """Tell whether ``row`` was decided by ``test`` (a z-test on mean NLL counts too)."""
+    return bool(row.test) and row.test.startswith(test)
 
 
 def _document_rows(path: str) -> list[dict]:

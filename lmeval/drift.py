@@ -30,7 +30,7 @@ from pathlib import Path
 from lmeval.distributed import joined
 from lmeval.errors import ConfigError
 from lmeval.kl_run import KL_CONFIG_TYPES, KLConfig, run_kl
-from lmeval.results import library_versions, now, write_json_atomic
+from lmeval.results import check_output_directory, library_versions, now, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -115,6 +115,7 @@ def run_drift(config: DriftConfig, progress_bar: bool = True) -> dict:
             such as an output directory that contains a drift run of other options.
     """
     _check_drift_config(config)
+    check_output_directory(config.output)
     with joined(None, config.device, config.device_map) as group:
         return _run_drift(config, progress_bar, group)
 

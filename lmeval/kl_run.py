@@ -50,7 +50,7 @@ from lmeval.perplexity import (
     build_units,
     resolve_settings,
 )
-from lmeval.reference_cache import CacheOptions, CacheWriter, ReferenceCache
+from lmeval.reference_cache import CacheOptions, CacheWriter, ReferenceCache, check_save_path
 from lmeval.results import (
     CONFIG_FILE,
     RESULTS_FILE,
@@ -313,6 +313,8 @@ def run_kl(
     check_kl_config(config)
     if config.output:
         check_output_directory(config.output)
+    if config.save_reference:
+        check_save_path(config.save_reference)
     with joined(group, config.device, config.device_map) as group:
         return _run_kl(config, progress_bar, group, skip_finished)
 

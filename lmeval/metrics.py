@@ -165,5 +165,21 @@ def mean_interval(total: float, total_squared: float, count: int) -> Interval:
     return _normal_interval(mean, math.sqrt(variance / count))
 
 
+def wilson_interval(successes: int, trials: int) -> Interval:
+    """Estimate a proportion with Wilson's 95% score interval, for i.i.d. trials.
+
+    Unlike the normal interval, it keeps a positive width at 0 and at ``trials``
+    successes and never leaves [0, 1]. The standard error is that of
+    :func:`mean_interval` for 0/1 values, ``sqrt(p (1 - p) / (n - 1))``.
+    """
+    p = successes / trials
+    z2 = Z_95**2
+    center = (p + z2 / (2 * trials)) / (1 + z2 / trials)
+    half_width = Z_95 * math.sqrt(p * (1 - p) / trials + z2 / (4 * trials**2))
+    half_width /= 1 + z2 / trials
+    stderr = math.sqrt(p * (1 - p) / (trials - 1)) if trials > 1 else None
+    return Interval(p, stderr, max(0.0, center - half_width), min(1.0, center + half_width))
+
+
 def _normal_interval(value: float, stderr: float) -> Interval:
     return Interval(value, stderr, value - Z_95 * stderr, value + Z_95 * stderr)

@@ -461,7 +461,10 @@ def corpus_metrics(documents: Sequence[DocumentResult], protocol: str) -> dict:
 def interval_method(protocol: str, num_scored_documents: int) -> str:
     """Describe how :func:`corpus_metrics` computed its intervals."""
     if protocol == "llama-cpp" or num_scored_documents < 2:
-        return "95% normal interval from the i.i.d. per-token standard error"
+        return (
+            "95% normal interval from the i.i.d. per-token standard error; Wilson score "
+            "interval for accuracy"
+        )
     return "95% normal interval, delta method for a ratio with documents as units"
 
 
@@ -480,8 +483,7 @@ def _intervals(scored: Sequence[DocumentResult], protocol: str):
     nll = metrics.mean_interval(
         sum(sum_nll), sum(document.sum_nll_squared for document in scored), num_tokens
     )
-    # A 0/1 value is its own square, so the sum of squares of correctness is its sum.
-    accuracy = metrics.mean_interval(num_correct, num_correct, num_tokens)
+    accuracy = metrics.wilson_interval(num_correct, num_tokens)
     words = sum(document.num_words for document in scored)
     num_bytes = sum(document.num_bytes for document in scored)
     return (

@@ -328,6 +328,27 @@ class CacheWriter:
             self._partial.unlink(missing_ok=True)
 
 
+def check_save_path(path: str | Path) -> None:
+    """Check, before any model loads, that a reference cache can be created at ``path``.
+
+    Raises:
+        ConfigError: ``path`` is a directory, or its parent is missing or not a directory.
+    """
+    path = Path(path)
+    directory = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise ConfigError(
+            f"--save-reference {str(path)!r} is a directory; pass a file path such as "
+            f"{str(path / 'reference.safetensors')!r}"
+        )
+    if directory.exists() and not directory.is_dir():
+        raise ConfigError(
+            f"--save-reference {str(path)!r}: {str(directory)!r} is a file, not a directory"
+        )
+    if not directory.is_dir():
+        raise ConfigError(f"--save-reference {str(path)!r}: directory {str(directory)!r} not found")
+
+
 def _create_file(
     path: Path, layout: list[tuple[str, np.dtype, tuple[int, ...]]], metadata: dict
 ) -> dict[str, np.memmap]:

@@ -145,3 +145,14 @@ def test_drift_rejects_model_option(fine_tune, tmp_path, capsys):
     status = main(["drift", "--model", "x", str(fine_tune / "base"), "--output", str(tmp_path)])
     assert status == 2
     assert "drift takes the checkpoints as arguments, not --model" in capsys.readouterr().err
+
+
+def test_drift_output_under_file_is_one_line(fine_tune, tmp_path, capsys):
+    (tmp_path / "a-file").write_text("not a directory\n")
+    output = tmp_path / "a-file" / "drift"
+    args = ["drift", "--reference", str(fine_tune / "base"), str(fine_tune / "base")]
+    status = main([*args, "--data", str(tmp_path / "a-file"), "--output", str(output)])
+    lines = capsys.readouterr().err.splitlines()
+    assert status == 2
+    assert len(lines) == 1
+    assert lines[0].startswith("lmeval: error: cannot write to --output ")

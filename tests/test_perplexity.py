@@ -226,8 +226,21 @@ def test_intervals_stay_in_range():
         num_correct=2,
     )
     metrics = corpus_metrics([document], "rolling")
-    assert metrics["accuracy_interval"][0] == 0.0
-    assert metrics["accuracy_interval"][1] < 1.0
+    low, high = metrics["accuracy_interval"]
+    # Wilson's interval for 2 of 5: [0.118, 0.769].
+    assert low == pytest.approx(0.1176, abs=1e-4)
+    assert high == pytest.approx(0.7693, abs=1e-4)
     assert metrics["mean_nll_interval"][0] == 0.0
     assert metrics["perplexity_interval"][0] == 1.0
     assert metrics["bits_per_byte_interval"][0] >= 0.0
+
+
+def test_accuracy_interval_at_zero_has_width():
+    document = DocumentResult(
+        index=0, id="0", title=None, num_tokens=13, num_words=5, num_bytes=30,
+        sum_nll=60.0, sum_nll_squared=300.0, num_correct=0,
+    )  # fmt: skip
+    low, high = corpus_metrics([document], "rolling")["accuracy_interval"]
+    assert low == 0.0
+    # Wilson's upper bound for 0 of 13: z^2 / (n + z^2) = 0.228.
+    assert high == pytest.approx(0.2281, abs=1e-4)

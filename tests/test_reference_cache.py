@@ -242,6 +242,23 @@ def test_cache_not_found_or_not_a_cache(dirs, tmp_path):
         ReferenceCache.open(junk)
 
 
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("a-directory", "is a directory"),
+        ("a-file/cache.safetensors", "is a file, not a directory"),
+        ("missing/cache.safetensors", "not found"),
+    ],
+)
+def test_save_path_checked_before_loading(dirs, tmp_path, name, message):
+    (tmp_path / "a-directory").mkdir()
+    (tmp_path / "a-file").write_text("not a directory\n")
+    # The reference does not exist either: the path is checked before it loads.
+    bad = config(dirs, reference=str(tmp_path / "no-model"), save_reference=str(tmp_path / name))
+    with pytest.raises(ConfigError, match=message):
+        run_kl(bad)
+
+
 def test_cache_needs_disk_space(dirs, tmp_path, monkeypatch):
     usage = SimpleNamespace(total=10**9, used=10**9 - 100, free=100)
     monkeypatch.setattr(reference_cache.shutil, "disk_usage", lambda path: usage)
