@@ -165,7 +165,7 @@ class OutputDirectory:
             self._check_no_outputs()
             if resume:
                 logger.warning(
-                    "--resume: %s holds no run to resume, so a new run starts there",
+                    "--resume: %s contains no run to resume, so a new run starts there",
                     self.path,
                 )
         try:
