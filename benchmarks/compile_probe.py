@@ -1,12 +1,12 @@
 """Measure what ``lmeval ppl --compile`` gains: the decoder eager against compiled.
 
-Loads a built-in model as lmeval does, runs its decoder on one window of random
-token ids, eager and then compiled with :func:`lmeval.models.compile_decoder`, and
-prints a JSON object with the seconds per forward pass of each (median of
+Loads a built-in model as lmeval does and runs its decoder on one window of random
+token ids, first eager and then compiled with :func:`lmeval.models.compile_decoder`.
+It prints a JSON object with the seconds per forward pass of each (median of
 ``--repeats`` after a warm-up), the one-time compilation cost and the largest
 difference between the two outputs. The full benchmark (``run.py``) times whole
-runs, where the compilation of the first batch would dominate a short text; this
-isolates the steady-state speed.
+runs, where compiling the first batch would dominate a short text, so this probe
+measures the steady-state speed apart.
 
     python benchmarks/compile_probe.py --model smollm2-135m --dtype float32 --window-size 2048
 """

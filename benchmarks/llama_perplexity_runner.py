@@ -9,10 +9,10 @@ llama-cpp`` reproduces. This script runs
     llama-perplexity -m GGUF -f TEXT -c WINDOW -b BATCH --chunks N -t THREADS
 
 and writes a JSON object with the final perplexity and its standard error, the
-scored token count (``chunks x (WINDOW - 1 - WINDOW // 2)``) and the scoring time:
-from the log line that starts the chunks to the final estimate, by the timestamps
-that ``--log-timestamps`` puts on llama.cpp's log lines. That excludes model load
-and tokenization, as lmeval's scoring time does.
+scored token count (``chunks x (WINDOW - 1 - WINDOW // 2)``) and the scoring time.
+The scoring time runs from the log line that starts the chunks to the final
+estimate, by the timestamps that ``--log-timestamps`` adds to llama.cpp's log. It
+excludes model load and tokenization, as lmeval's scoring time does.
 
     python benchmarks/llama_perplexity_runner.py --gguf model.gguf --data wiki.test.raw \
         --window-size 512 --chunks 100 --output llama.json

@@ -103,9 +103,10 @@ def _rotation(
     """Return the cases that alternate: the peers, the bfloat16 pair and llama.cpp.
 
     lm-evaluation-harness and the naive loop score rolling windows of whole articles.
-    llama.cpp's ``llama-perplexity`` has a protocol of its own (chunks of the raw file,
-    the second half of each scored), so lmeval runs that protocol beside it, on the
-    same dequantized float32 weights (an F32 GGUF) and on the original Q4 file.
+    llama.cpp's ``llama-perplexity`` has a protocol of its own: chunks of the raw file,
+    with the second half of each scored. lmeval runs that protocol beside it, and
+    llama.cpp runs twice: on the same dequantized float32 weights (an F32 GGUF) and
+    on the original Q4 file.
     """
     peers = {"group": "peers", "window_size": window_size, "articles": articles}
     pair = {"group": "bf16", "window_size": window_size, "articles": bf16_articles}
@@ -191,8 +192,8 @@ SUITES = {
                 batch_size=1,
             ),
         ),
-        # The second article (5,324 tokens) is the longest of the first two, so at
-        # window 8192 the largest window holds 5,324 tokens.
+        # The second article (5,324 tokens) is the longer of the first two, so at
+        # window 8192 the largest window has 5,325 inputs, its prefix token included.
         once=(
             Case(group="windows", tool="lmeval", window_size=8192, articles=2),
             Case(group="windows", tool="lmeval", window_size=512, articles=2),

